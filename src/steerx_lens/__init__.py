@@ -1,0 +1,1 @@
+"""steerx_lens."""

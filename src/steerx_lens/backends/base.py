@@ -1,0 +1,258 @@
+"""The protocol every backend adapter implements, and what they share.
+
+An adapter wraps one model object and knows how to (1) translate canonical TransformerLens site
+names to its own hook points, (2) run a forward pass or a greedy generation with interventions,
+and (3) describe the model (layers, width, fingerprint). Positions are computed from a
+:class:`StepTracker`, updated before every forward call of the underlying model.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from steerx_lens.errors import ModelMismatchError, UnknownSiteError, VectorShapeError
+from steerx_lens.hooks import HookContext, Intervention, Steer
+from steerx_lens.models import weights_digest
+
+SITE_KINDS: tuple[str, ...] = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(SITE_KINDS) + r")$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A canonical site: ``layer`` (-1 for ``hook_embed``) and ``kind``."""
+
+    name: str
+    layer: int
+    kind: str
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Execution order key: by layer, then pre < attn_out < mid < mlp_out < post."""
+        return (self.layer, -1 if self.kind == "hook_embed" else SITE_KINDS.index(self.kind))
+
+
+def parse_site(name: str, n_layers: int) -> Site | None:
+    """Parse a canonical site name; None when it is not canonical. Layer range is checked."""
+    if name == "hook_embed":
+        return Site(name, -1, "hook_embed")
+    match = _SITE_RE.match(name)
+    if match is None:
+        return None
+    layer = int(match.group(1))
+    if layer >= n_layers:
+        raise UnknownSiteError(
+            f"site {name!r}: layer {layer} is out of range, the model has {n_layers} layers "
+            f"(0..{n_layers - 1})"
+        )
+    return Site(name, layer, match.group(2))
+
+
+def unknown_site(name: str, n_layers: int) -> UnknownSiteError:
+    return UnknownSiteError(
+        f"unknown site {name!r}; use 'hook_embed' or 'blocks.{{l}}.<kind>' with l in "
+        f"0..{n_layers - 1} and kind in {SITE_KINDS}"
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids and attention mask of one (padded) batch."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+
+
+Inputs = Union[str, Sequence[str], Tensor, dict, Batch]
+
+
+class StepTracker:
+    """Holds the :class:`HookContext` of the forward call in progress."""
+
+    def __init__(self) -> None:
+        self.prompt_len: int | None = None
+        self.context: HookContext | None = None
+
+    def update(self, full_mask: Bool[Tensor, "batch total"], n_current: int) -> None:
+        """Record a forward call over the last ``n_current`` positions of ``full_mask``."""
+        offset = full_mask.shape[1] - n_current
+        if offset == 0 or self.prompt_len is None:
+            self.prompt_len = full_mask.shape[1] if offset == 0 else offset
+        self.context = HookContext(full_mask.bool(), n_current, self.prompt_len)
+
+    def current(self, act: Tensor) -> HookContext:
+        """The context for an activation, falling back to 'unpadded' if nothing was recorded."""
+        ctx = self.context
+        if ctx is None or ctx.n_current != act.shape[1] or ctx.attention_mask.shape[0] != act.shape[0]:
+            return HookContext.unpadded(act.shape[0], act.shape[1], act.device)
+        return ctx
+
+
+class ModelAdapter(ABC):
+    """One backend's view of a model. Build with :func:`steerx_lens.backends.get_adapter`."""
+
+    name: str
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tracker = StepTracker()
+        self.active: list[Intervention] = []
+
+    # ---------------------------------------------------------------- description
+    @property
+    @abstractmethod
+    def n_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def d_model(self) -> int: ...
+
+    @abstractmethod
+    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]: ...
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding_weight().device
+
+    def fingerprint(self) -> str:
+        """``n_layers x d_model : hash of the first embedding rows`` (same on every backend)."""
+        return f"{self.n_layers}x{self.d_model}:{weights_digest(self.embedding_weight())}"
+
+    def resolve(self, name: str) -> Site:
+        """The canonical :class:`Site` for ``name``, or :class:`UnknownSiteError`."""
+        site = parse_site(name, self.n_layers)
+        if site is None:
+            raise unknown_site(name, self.n_layers)
+        return site
+
+    def validate(self, interventions: Sequence[Intervention]) -> None:
+        """Check sites, widths and fingerprints before anything runs."""
+        for intervention in interventions:
+            site = self.resolve(intervention.site)
+            width = intervention.width
+            expects_d_model = site.kind in SITE_KINDS or site.kind == "hook_embed"
+            if width is not None and expects_d_model and width != self.d_model:
+                raise VectorShapeError(
+                    f"{type(intervention).__name__} at {intervention.site} has width {width}, "
+                    f"but the model's d_model is {self.d_model}"
+                )
+            if isinstance(intervention, Steer) and intervention.model_fingerprint is not None:
+                if intervention.model_fingerprint != self.fingerprint():
+                    raise ModelMismatchError(
+                        f"the steering vector for {intervention.site} was made on model "
+                        f"{intervention.model_fingerprint}, but this model is "
+                        f"{self.fingerprint()}; recompute the vector on this model"
+                    )
+
+    def grouped(self, interventions: Sequence[Intervention]) -> list[tuple[str, list[Intervention]]]:
+        """Interventions grouped by site (order kept within a site), sites in execution order."""
+        groups: dict[str, list[Intervention]] = {}
+        for intervention in interventions:
+            groups.setdefault(intervention.site, []).append(intervention)
+        return sorted(groups.items(), key=lambda item: self.site_order(item[0]))
+
+    def site_order(self, name: str) -> tuple[int, int]:
+        return self.resolve(name).order
+
+    # ---------------------------------------------------------------- inputs
+    def encode(self, inputs: Inputs, padding_side: Literal["left", "right"] = "left") -> Batch:
+        """Turn strings, token ids or a dict into a :class:`Batch` on the model's device."""
+        if isinstance(inputs, Batch):
+            batch = inputs
+        elif isinstance(inputs, dict):
+            ids = torch.as_tensor(inputs["input_ids"])
+            ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+            mask = inputs.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+            batch = Batch(ids, mask)
+        elif isinstance(inputs, Tensor):
+            ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
+            batch = Batch(ids, torch.ones_like(ids))
+        else:
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            if not texts:
+                raise ValueError("no inputs given")
+            old_side = self.tokenizer.padding_side
+            self.tokenizer.padding_side = padding_side
+            try:
+                encoded = self.tokenizer(texts, return_tensors="pt", padding=True)
+            finally:
+                self.tokenizer.padding_side = old_side
+            batch = Batch(encoded["input_ids"], encoded["attention_mask"])
+        if batch.input_ids.shape[1] == 0:
+            raise ValueError("empty input: at least one token is needed")
+        return Batch(batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(self.tokenizer.eos_token_id if pad is None else pad)
+
+    # ---------------------------------------------------------------- running
+    @contextmanager
+    def apply(self, interventions: Sequence[Intervention]) -> Iterator[None]:
+        """Hooks active for every forward call inside the block (removed on exit)."""
+        self.validate(interventions)
+        with self._hooked(list(interventions)):
+            yield
+
+    @abstractmethod
+    def _hooked(self, interventions: list[Intervention]) -> Any:
+        """Context manager installing the interventions as hooks."""
+
+    @abstractmethod
+    def forward(
+        self, batch: Batch, interventions: Sequence[Intervention]
+    ) -> Float[Tensor, "batch pos vocab"]: ...
+
+    @abstractmethod
+    def generate(
+        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
+    ) -> Int[Tensor, "batch total"]: ...
+
+    def intervene_in_trace(
+        self, interventions: Sequence[Intervention], ctx: HookContext | None
+    ) -> None:
+        raise NotImplementedError(
+            f"hooks.intervene is for nnsight traces; on a {self.name} model use hooks.apply"
+        )
+
+
+def finish_after_eos(
+    new_tokens: Int[Tensor, "batch new"], eos_ids: set[int], pad_id: int
+) -> Int[Tensor, "batch new"]:
+    """Replace every token after a row's first EOS by padding (as HF ``generate`` does)."""
+    if not eos_ids:
+        return new_tokens
+    is_eos = torch.zeros_like(new_tokens, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= new_tokens == eos
+    after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return torch.where(after, torch.full_like(new_tokens, pad_id), new_tokens)
+
+
+def eos_token_ids(model_config: Any, tokenizer: Any) -> set[int]:
+    """EOS ids from the generation config / model config / tokenizer."""
+    ids: set[int] = set()
+    for source in (getattr(model_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return ids

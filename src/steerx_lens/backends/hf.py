@@ -1,0 +1,212 @@
+"""Plain ``transformers`` causal LMs: torch forward hooks on the decoder layers.
+
+Also the fast generation path: HF ``generate`` with the hooks active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from steerx_lens.backends.base import Batch, ModelAdapter, StepTracker, eos_token_ids
+from steerx_lens.errors import BackendError
+from steerx_lens.hooks import Intervention, compose
+
+LAYER_PATHS: tuple[str, ...] = ("model.layers", "transformer.h", "gpt_neox.layers", "layers")
+ATTN_NAMES: tuple[str, ...] = ("self_attn", "attn", "attention")
+
+
+def _get_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def find_layers_path(model: nn.Module) -> str:
+    """The attribute path of the decoder-layer list (``model.layers`` for Llama-like models)."""
+    for path in LAYER_PATHS:
+        try:
+            layers = _get_path(model, path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return path
+    raise BackendError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported layouts: "
+        f"{LAYER_PATHS}"
+    )
+
+
+def find_child(layer: nn.Module, names: Sequence[str], what: str) -> str:
+    for name in names:
+        if hasattr(layer, name):
+            return name
+    raise BackendError(f"cannot find the {what} module of {type(layer).__name__} (tried {names})")
+
+
+def position_ids_for(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Position ids that ignore left padding (as HF ``generate`` computes them)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def pad_to_length(
+    sequences: Int[Tensor, "batch n"], length: int, pad_id: int
+) -> Int[Tensor, "batch length"]:
+    """Right-pad generated sequences that stopped early (all rows hit EOS) to ``length``."""
+    missing = length - sequences.shape[1]
+    if missing <= 0:
+        return sequences
+    return torch.cat([sequences, sequences.new_full((sequences.shape[0], missing), pad_id)], 1)
+
+
+def _split_output(output: Any) -> tuple[Tensor, Any]:
+    """A module output as (main tensor, rebuild function)."""
+    if isinstance(output, Tensor):
+        return output, lambda new: new
+    return output[0], lambda new: (new, *output[1:])
+
+
+def install_tracker(module: nn.Module, tracker: StepTracker) -> Any:
+    """Forward pre-hook on the top HF module that records the step context."""
+
+    def track(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        batch, n_current = tokens.shape[0], tokens.shape[1]
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, Tensor) or mask.ndim != 2:
+            past = kwargs.get("past_key_values")
+            past_len = past.get_seq_length() if past is not None else 0
+            mask = torch.ones(batch, past_len + n_current, dtype=torch.long, device=tokens.device)
+        tracker.update(mask, n_current)
+
+    return module.register_forward_pre_hook(track, with_kwargs=True)
+
+
+class HFAdapter(ModelAdapter):
+    """Adapter for ``transformers`` ``PreTrainedModel`` causal LMs."""
+
+    name = "hf"
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        super().__init__(model, tokenizer)
+        self.layers_path = find_layers_path(model)
+        self.layers: nn.ModuleList = _get_path(model, self.layers_path)
+        self.attn_name = find_child(self.layers[0], ATTN_NAMES, "attention")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
+        return self.model.get_input_embeddings().weight
+
+    # ---------------------------------------------------------------- hooks
+    @contextmanager
+    def _hooked(self, interventions: list[Intervention]) -> Iterator[None]:
+        handles = [install_tracker(self.model, self.tracker)]
+        try:
+            for name, group in self.grouped(interventions):
+                handles.extend(self._install(name, group))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.tracker.context = None
+
+    def _install(self, name: str, group: list[Intervention]) -> list[Any]:
+        site = self.resolve(name)
+        tracker = self.tracker
+
+        def edit(act: Tensor) -> Tensor:
+            return compose(group, act, tracker.current(act))
+
+        def output_hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+            act, rebuild = _split_output(output)
+            return rebuild(edit(act))
+
+        if site.kind == "hook_embed":
+            return [self.model.get_input_embeddings().register_forward_hook(output_hook)]
+        layer = self.layers[site.layer]
+        if site.kind == "hook_resid_pre":
+
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+                if args:
+                    return (edit(args[0]), *args[1:]), kwargs
+                kwargs["hidden_states"] = edit(kwargs["hidden_states"])
+                return args, kwargs
+
+            return [layer.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        if site.kind == "hook_resid_post":
+            return [layer.register_forward_hook(output_hook)]
+        if site.kind == "hook_mlp_out":
+            return [layer.mlp.register_forward_hook(output_hook)]
+        attention = getattr(layer, self.attn_name)
+        if site.kind == "hook_attn_out":
+            return [attention.register_forward_hook(output_hook)]
+        # hook_resid_mid = resid_pre + attn_out: edit the sum, hand back the difference.
+        stash: dict[str, Tensor] = {}
+
+        def remember_resid_pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stash["resid_pre"] = args[0] if args else kwargs["hidden_states"]
+
+        def mid_hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+            attn_out, rebuild = _split_output(output)
+            resid_pre = stash.pop("resid_pre")
+            return rebuild(edit(resid_pre + attn_out) - resid_pre)
+
+        return [
+            layer.register_forward_pre_hook(remember_resid_pre, with_kwargs=True),
+            attention.register_forward_hook(mid_hook),
+        ]
+
+    # ---------------------------------------------------------------- running
+    def forward(
+        self, batch: Batch, interventions: Sequence[Intervention]
+    ) -> Float[Tensor, "batch pos vocab"]:
+        with self.apply(interventions), torch.no_grad():
+            return self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids_for(batch.attention_mask),
+                use_cache=False,
+            ).logits
+
+    def generate(
+        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
+    ) -> Int[Tensor, "batch total"]:
+        return hf_generate(self, self.model, batch, interventions, max_new_tokens)
+
+
+def hf_generate(
+    adapter: ModelAdapter,
+    hf_model: Any,
+    batch: Batch,
+    interventions: Sequence[Intervention],
+    max_new_tokens: int,
+) -> Int[Tensor, "batch total"]:
+    """Greedy HF ``generate`` with the adapter's hooks active; always ``max_new_tokens`` long."""
+    eos = sorted(eos_token_ids(hf_model.generation_config, adapter.tokenizer))
+    with adapter.apply(interventions), torch.no_grad():
+        out = hf_model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos or None,
+            pad_token_id=adapter.pad_token_id,
+        )
+    return pad_to_length(out, batch.input_ids.shape[1] + max_new_tokens, adapter.pad_token_id)

@@ -1,0 +1,165 @@
+"""nnsight models (``TransformersModel``), local or remote: interventions inside a trace.
+
+Sites map to envoys: ``hook_resid_pre`` -> ``layers[l].input``, ``hook_resid_post`` ->
+``layers[l].output`` (a tensor in transformers 5.x, a tuple before: both are handled),
+``hook_attn_out`` -> ``layers[l].self_attn.output[0]``, ``hook_mlp_out`` -> ``layers[l].mlp.output``,
+``hook_resid_mid`` -> ``resid_pre + attn_out`` (edited as a sum, handed back as a difference).
+nnsight requires sites to be visited in execution order within one invoke; adapters sort them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steerx_lens.backends.base import Batch, ModelAdapter, eos_token_ids, finish_after_eos
+from steerx_lens.backends.hf import ATTN_NAMES, _get_path, find_child, find_layers_path, pad_to_length
+from steerx_lens.hooks import HookContext, Intervention, compose
+
+
+class NNsightAdapter(ModelAdapter):
+    """Adapter for ``nnsight`` models wrapping a ``transformers`` causal LM."""
+
+    name = "nnsight"
+
+    def __init__(self, model: Any, tokenizer: Any, remote: bool | str = False) -> None:
+        super().__init__(model, tokenizer)
+        self.remote = remote
+        self.hf_model = model._module
+        self.layers_path = find_layers_path(self.hf_model)
+        self.attn_name = find_child(
+            _get_path(self.hf_model, self.layers_path)[0], ATTN_NAMES, "attention"
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return len(_get_path(self.hf_model, self.layers_path))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf_model.get_input_embeddings().weight.shape[1])
+
+    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
+        return self.hf_model.get_input_embeddings().weight
+
+    def _layer(self, index: int) -> Any:
+        return _get_path(self.model, self.layers_path)[index]
+
+    # ---------------------------------------------------------------- interventions in a trace
+    def intervene_in_trace(
+        self, interventions: Sequence[Intervention], ctx: HookContext | None
+    ) -> None:
+        self.validate(interventions)
+        self._edit(interventions, lambda act: ctx or HookContext.unpadded(*act.shape[:2]))
+
+    def _edit(
+        self, interventions: Sequence[Intervention], context: Callable[[Tensor], HookContext]
+    ) -> None:
+        """Read, edit and write every site in execution order (must run inside a trace)."""
+        resid_pre: dict[int, Tensor] = {}
+        for name, group in self.grouped(interventions):
+            site = self.resolve(name)
+
+            def edit(act: Tensor, group: list[Intervention] = group) -> Tensor:
+                return compose(group, act, context(act))
+
+            if site.kind == "hook_embed":
+                envoy = _get_path(self.model, self._embed_path())
+                envoy.output = edit(envoy.output)
+                continue
+            layer = self._layer(site.layer)
+            if site.kind == "hook_resid_pre":
+                layer.input = resid_pre[site.layer] = edit(layer.input)
+            elif site.kind == "hook_resid_post":
+                layer.output = _map_first(layer.output, edit)
+            elif site.kind == "hook_mlp_out":
+                layer.mlp.output = _map_first(layer.mlp.output, edit)
+            elif site.kind == "hook_attn_out":
+                attention = getattr(layer, self.attn_name)
+                attention.output = _map_first(attention.output, edit)
+            else:  # hook_resid_mid
+                before = resid_pre[site.layer] if site.layer in resid_pre else layer.input
+                attention = getattr(layer, self.attn_name)
+                attention.output = _map_first(
+                    attention.output, lambda out, before=before: edit(before + out) - before
+                )
+
+    def _embed_path(self) -> str:
+        for name, module in self.hf_model.named_modules():
+            if module is self.hf_model.get_input_embeddings():
+                return name
+        raise RuntimeError("input embedding module not found")
+
+    # ---------------------------------------------------------------- running
+    @contextmanager
+    def _hooked(self, interventions: list[Intervention]) -> Iterator[None]:
+        previous = self.active
+        self.active = [*previous, *interventions]
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def _inputs(self, batch: Batch) -> dict[str, Tensor]:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+
+    def forward(
+        self, batch: Batch, interventions: Sequence[Intervention]
+    ) -> Float[Tensor, "batch pos vocab"]:
+        interventions = [*self.active, *interventions]
+        self.validate(interventions)
+        ctx = HookContext(batch.attention_mask.bool(), batch.input_ids.shape[1], batch.input_ids.shape[1])
+        with torch.no_grad(), self.model.trace(self._inputs(batch), remote=self.remote):
+            self._edit(interventions, lambda _act: ctx)
+            logits = self.model.lm_head.output.save()
+        return logits
+
+    def generate(
+        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
+    ) -> Int[Tensor, "batch total"]:
+        interventions = [*self.active, *interventions]
+        self.validate(interventions)
+        mask = batch.attention_mask.bool()
+        prompt_len = batch.input_ids.shape[1]
+        eos = sorted(eos_token_ids(self.hf_model.generation_config, self.tokenizer))
+        step = {"index": 0}
+
+        def context(_act: Tensor) -> HookContext:
+            k = step["index"]
+            if k == 0:
+                return HookContext(mask, prompt_len, prompt_len)
+            ones = torch.ones(mask.shape[0], k, dtype=torch.bool, device=mask.device)
+            return HookContext(torch.cat([mask, ones], dim=1), 1, prompt_len)
+
+        with torch.no_grad(), self.model.generate(
+            self._inputs(batch),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos or None,
+            pad_token_id=self.pad_token_id,
+            remote=self.remote,
+        ) as tracer:
+            if interventions:
+                for _ in tracer.iter[:max_new_tokens]:
+                    self._edit(interventions, context)
+                    step["index"] += 1
+            sequences = tracer.result.save()
+        total = prompt_len + max_new_tokens
+        sequences = pad_to_length(sequences, total, self.pad_token_id)
+        generated = finish_after_eos(sequences[:, prompt_len:], set(eos), self.pad_token_id)
+        return torch.cat([sequences[:, :prompt_len], generated], dim=1)
+
+
+def _map_first(output: Any, edit: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``edit`` to a module output that is a tensor or a tuple led by one."""
+    if isinstance(output, tuple):
+        return (edit(output[0]), *output[1:])
+    return edit(output)

