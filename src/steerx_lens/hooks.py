@@ -140,9 +140,7 @@ def _check_finite(name: str, tensor: Tensor) -> None:
         raise NonFiniteError(f"{name} contains NaN or infinity; refusing to apply it")
 
 
-def _rows(
-    tensor: Float[Tensor, "*rows d"], batch: int, what: str
-) -> Float[Tensor, "batch_or_1 d"]:
+def _rows(tensor: Float[Tensor, "*rows d"], batch: int, what: str) -> Float[Tensor, "batch_or_1 d"]:
     """View a ``[d]`` or ``[batch, d]`` tensor as ``[batch_or_1, d]``, checking the batch."""
     if tensor.ndim == 1:
         return tensor.unsqueeze(0)
@@ -232,8 +230,8 @@ class Patch:
                 f"{int(absolute[-1])} was selected; restrict `positions` or pass a longer source"
             )
         gathered = torch.zeros_like(act)
-        gathered[:, inside] = source[:, absolute[inside]].to(act.device, act.dtype).expand(
-            act.shape[0], -1, -1
+        gathered[:, inside] = (
+            source[:, absolute[inside]].to(act.device, act.dtype).expand(act.shape[0], -1, -1)
         )
         return torch.where(chosen.unsqueeze(-1), gathered, act)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -87,18 +87,27 @@ class StepTracker:
     def __init__(self) -> None:
         self.prompt_len: int | None = None
         self.context: HookContext | None = None
+        # Set by decoding loops that re-run the whole sequence (no KV cache): then a call at
+        # offset 0 is not a new prompt.
+        self.fixed_prompt_len: int | None = None
 
     def update(self, full_mask: Bool[Tensor, "batch total"], n_current: int) -> None:
         """Record a forward call over the last ``n_current`` positions of ``full_mask``."""
         offset = full_mask.shape[1] - n_current
-        if offset == 0 or self.prompt_len is None:
+        if self.fixed_prompt_len is not None:
+            self.prompt_len = self.fixed_prompt_len
+        elif offset == 0 or self.prompt_len is None:
             self.prompt_len = full_mask.shape[1] if offset == 0 else offset
         self.context = HookContext(full_mask.bool(), n_current, self.prompt_len)
 
     def current(self, act: Tensor) -> HookContext:
         """The context for an activation, falling back to 'unpadded' if nothing was recorded."""
         ctx = self.context
-        if ctx is None or ctx.n_current != act.shape[1] or ctx.attention_mask.shape[0] != act.shape[0]:
+        if (
+            ctx is None
+            or ctx.n_current != act.shape[1]
+            or ctx.attention_mask.shape[0] != act.shape[0]
+        ):
             return HookContext.unpadded(act.shape[0], act.shape[1], act.device)
         return ctx
 
@@ -160,7 +169,9 @@ class ModelAdapter(ABC):
                         f"{self.fingerprint()}; recompute the vector on this model"
                     )
 
-    def grouped(self, interventions: Sequence[Intervention]) -> list[tuple[str, list[Intervention]]]:
+    def grouped(
+        self, interventions: Sequence[Intervention]
+    ) -> list[tuple[str, list[Intervention]]]:
         """Interventions grouped by site (order kept within a site), sites in execution order."""
         groups: dict[str, list[Intervention]] = {}
         for intervention in interventions:
@@ -179,7 +190,9 @@ class ModelAdapter(ABC):
             ids = torch.as_tensor(inputs["input_ids"])
             ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
             mask = inputs.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+            mask = (
+                torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+            )
             batch = Batch(ids, mask)
         elif isinstance(inputs, Tensor):
             ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
@@ -256,3 +269,48 @@ def eos_token_ids(model_config: Any, tokenizer: Any) -> set[int]:
         elif isinstance(source, (list, tuple)):
             ids.update(int(x) for x in source)
     return ids
+
+
+StepFn = Callable[[Int[Tensor, "batch total"], Int[Tensor, "batch total"], int], Tensor]
+
+
+def greedy_decode(
+    step: StepFn,
+    batch: Batch,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+) -> Int[Tensor, "batch total"]:
+    """Greedy decoding driven by ``step(sequences, mask, n_new) -> logits``.
+
+    ``n_new`` is how many trailing tokens the model has not processed yet (the prompt length on
+    the first call, then 1), so KV-cached steps feed only those and cache-free steps re-run
+    everything. Rows that emit EOS are padded afterwards; the result always has
+    ``max_new_tokens`` new columns.
+    """
+    sequences, mask = batch.input_ids, batch.attention_mask
+    n_rows = sequences.shape[0]
+    eos = torch.tensor(sorted(eos_ids), dtype=sequences.dtype, device=sequences.device)
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=sequences.device)
+    n_new = sequences.shape[1]
+    for _ in range(max_new_tokens):
+        logits = step(sequences, mask, n_new)
+        token = logits[:, -1].argmax(dim=-1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        finished |= torch.isin(token, eos)
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        n_new = 1
+        if bool(finished.all()):
+            break
+    return pad_to_length(sequences, batch.input_ids.shape[1] + max_new_tokens, pad_id)
+
+
+def pad_to_length(
+    sequences: Int[Tensor, "batch n"], length: int, pad_id: int
+) -> Int[Tensor, "batch length"]:
+    """Right-pad generated sequences that stopped early (all rows hit EOS) to ``length``."""
+    missing = length - sequences.shape[1]
+    if missing <= 0:
+        return sequences
+    return torch.cat([sequences, sequences.new_full((sequences.shape[0], missing), pad_id)], 1)

@@ -13,7 +13,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from steerx_lens.backends.base import Batch, ModelAdapter, StepTracker, eos_token_ids
+from steerx_lens.backends.base import (
+    Batch,
+    ModelAdapter,
+    StepTracker,
+    eos_token_ids,
+    pad_to_length,
+)
 from steerx_lens.errors import BackendError
 from steerx_lens.hooks import Intervention, compose
 
@@ -52,16 +58,6 @@ def find_child(layer: nn.Module, names: Sequence[str], what: str) -> str:
 def position_ids_for(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
     """Position ids that ignore left padding (as HF ``generate`` computes them)."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def pad_to_length(
-    sequences: Int[Tensor, "batch n"], length: int, pad_id: int
-) -> Int[Tensor, "batch length"]:
-    """Right-pad generated sequences that stopped early (all rows hit EOS) to ``length``."""
-    missing = length - sequences.shape[1]
-    if missing <= 0:
-        return sequences
-    return torch.cat([sequences, sequences.new_full((sequences.shape[0], missing), pad_id)], 1)
 
 
 def _split_output(output: Any) -> tuple[Tensor, Any]:

@@ -17,8 +17,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steerx_lens.backends.base import Batch, ModelAdapter, eos_token_ids, finish_after_eos
-from steerx_lens.backends.hf import ATTN_NAMES, _get_path, find_child, find_layers_path, pad_to_length
+from steerx_lens.backends.base import (
+    Batch,
+    ModelAdapter,
+    eos_token_ids,
+    finish_after_eos,
+    pad_to_length,
+)
+from steerx_lens.backends.hf import ATTN_NAMES, _get_path, find_child, find_layers_path
 from steerx_lens.hooks import HookContext, Intervention, compose
 
 
@@ -113,7 +119,9 @@ class NNsightAdapter(ModelAdapter):
     ) -> Float[Tensor, "batch pos vocab"]:
         interventions = [*self.active, *interventions]
         self.validate(interventions)
-        ctx = HookContext(batch.attention_mask.bool(), batch.input_ids.shape[1], batch.input_ids.shape[1])
+        ctx = HookContext(
+            batch.attention_mask.bool(), batch.input_ids.shape[1], batch.input_ids.shape[1]
+        )
         with torch.no_grad(), self.model.trace(self._inputs(batch), remote=self.remote):
             self._edit(interventions, lambda _act: ctx)
             logits = self.model.lm_head.output.save()
@@ -136,17 +144,20 @@ class NNsightAdapter(ModelAdapter):
             ones = torch.ones(mask.shape[0], k, dtype=torch.bool, device=mask.device)
             return HookContext(torch.cat([mask, ones], dim=1), 1, prompt_len)
 
-        with torch.no_grad(), self.model.generate(
-            self._inputs(batch),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=eos or None,
-            pad_token_id=self.pad_token_id,
-            remote=self.remote,
-        ) as tracer:
+        with (
+            torch.no_grad(),
+            self.model.generate(
+                self._inputs(batch),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=eos or None,
+                pad_token_id=self.pad_token_id,
+                remote=self.remote,
+            ) as tracer,
+        ):
             if interventions:
                 for _ in tracer.iter[:max_new_tokens]:
                     self._edit(interventions, context)

@@ -21,11 +21,11 @@ from steerx_lens.backends.base import (
     ModelAdapter,
     Site,
     eos_token_ids,
-    finish_after_eos,
+    greedy_decode,
     parse_site,
     unknown_site,
 )
-from steerx_lens.backends.hf import hf_generate, install_tracker, position_ids_for
+from steerx_lens.backends.hf import install_tracker, position_ids_for
 from steerx_lens.hooks import Intervention, compose
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -97,7 +97,10 @@ def _resid_mid_hooks(layer: int, edit: Any) -> list[tuple[str, Any]]:
         resid_pre = stash.pop("resid_pre")
         return edit(resid_pre + act) - resid_pre
 
-    return [(f"blocks.{layer}.hook_resid_pre", remember), (f"blocks.{layer}.hook_attn_out", edit_sum)]
+    return [
+        (f"blocks.{layer}.hook_resid_pre", remember),
+        (f"blocks.{layer}.hook_attn_out", edit_sum),
+    ]
 
 
 class HookedTransformerAdapter(_TLAdapterBase):
@@ -145,33 +148,18 @@ class HookedTransformerAdapter(_TLAdapterBase):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
         model = self.model
-        n_rows = batch.input_ids.shape[0]
+        kv_cache = TransformerLensKeyValueCache.init_cache(
+            model.cfg, model.cfg.device, batch.input_ids.shape[0]
+        )
+
+        def step(sequences: Tensor, mask: Tensor, n_new: int) -> Tensor:
+            return model(
+                sequences[:, -n_new:], attention_mask=mask[:, -n_new:], past_kv_cache=kv_cache
+            )
+
         eos = eos_token_ids(None, self.tokenizer)
-        kv_cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n_rows)
-        new_tokens: list[Tensor] = []
-        finished = torch.zeros(n_rows, dtype=torch.bool, device=batch.input_ids.device)
         with self.apply(interventions), torch.no_grad():
-            logits = model(
-                batch.input_ids, attention_mask=batch.attention_mask, past_kv_cache=kv_cache
-            )
-            for step in range(max_new_tokens):
-                token = logits[:, -1].argmax(dim=-1)
-                new_tokens.append(token)
-                finished |= torch.isin(token, torch.tensor(sorted(eos), device=token.device))
-                if step == max_new_tokens - 1 or bool(finished.all()):
-                    break
-                logits = model(
-                    token[:, None],
-                    attention_mask=torch.ones_like(token[:, None]),
-                    past_kv_cache=kv_cache,
-                )
-        generated = finish_after_eos(torch.stack(new_tokens, dim=1), eos, self.pad_token_id)
-        missing = max_new_tokens - generated.shape[1]
-        if missing:
-            generated = torch.cat(
-                [generated, generated.new_full((n_rows, missing), self.pad_token_id)], dim=1
-            )
-        return torch.cat([batch.input_ids, generated], dim=1)
+            return greedy_decode(step, batch, max_new_tokens, eos, self.pad_token_id)
 
 
 class BridgeAdapter(_TLAdapterBase):
@@ -206,5 +194,26 @@ class BridgeAdapter(_TLAdapterBase):
     def generate(
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
     ) -> Int[Tensor, "batch total"]:
-        return hf_generate(self, self.model.original_model, batch, interventions, max_new_tokens)
+        """Greedy decoding that re-runs the whole sequence each step.
 
+        TransformerLens 3.9's bridge attention does not fill the HF KV cache (measured on
+        SmolLM2: the cached step's logits are off by ~22), so HF ``generate`` would decode
+        garbage; this loop is exact but costs one full forward per new token.
+        """
+        model = self.model.original_model
+
+        def step(sequences: Tensor, mask: Tensor, n_new: int) -> Tensor:
+            return model(
+                input_ids=sequences,
+                attention_mask=mask,
+                position_ids=position_ids_for(mask),
+                use_cache=False,
+            ).logits
+
+        eos = eos_token_ids(model.generation_config, self.tokenizer)
+        self.tracker.fixed_prompt_len = batch.input_ids.shape[1]
+        try:
+            with self.apply(interventions), torch.no_grad():
+                return greedy_decode(step, batch, max_new_tokens, eos, self.pad_token_id)
+        finally:
+            self.tracker.fixed_prompt_len = None
