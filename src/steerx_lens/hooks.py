@@ -280,7 +280,8 @@ class Ablate:
 class Capture:
     """Record the activations at ``site`` (unchanged) into ``store`` as ``[batch, pos, d]``.
 
-    Across KV-cached generation steps the per-step pieces are concatenated along positions.
+    Across KV-cached generation steps the per-step pieces are joined by absolute position; a
+    call that starts at position 0 (a new prompt, or a cache-free decoding step) starts afresh.
     """
 
     site: str
@@ -293,7 +294,10 @@ class Capture:
     ) -> Float[Tensor, "batch pos d"]:
         piece = act.detach().clone()
         previous = self.store.get(self.site)
-        self.store[self.site] = piece if previous is None else torch.cat([previous, piece], 1)
+        if previous is None or ctx.offset == 0:
+            self.store[self.site] = piece
+        else:  # a KV-cached step: keep what came before this call's first position
+            self.store[self.site] = torch.cat([previous[:, : ctx.offset], piece], dim=1)
         return act
 
 

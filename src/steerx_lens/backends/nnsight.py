@@ -147,7 +147,6 @@ class NNsightAdapter(ModelAdapter):
         with (
             torch.no_grad(),
             self.model.generate(
-                self._inputs(batch),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 temperature=None,
@@ -158,11 +157,15 @@ class NNsightAdapter(ModelAdapter):
                 remote=self.remote,
             ) as tracer,
         ):
-            if interventions:
-                for _ in tracer.iter[:max_new_tokens]:
-                    self._edit(interventions, context)
-                    step["index"] += 1
-            sequences = tracer.result.save()
+            with tracer.invoke(self._inputs(batch)):
+                if interventions:
+                    # Bounded loop: if every row stops at EOS early, nnsight cuts it short and
+                    # skips what follows in the same invoke, hence the result in its own invoke.
+                    for _ in tracer.iter[:max_new_tokens]:
+                        self._edit(interventions, context)
+                        step["index"] += 1
+            with tracer.invoke():
+                sequences = tracer.result.save()
         total = prompt_len + max_new_tokens
         sequences = pad_to_length(sequences, total, self.pad_token_id)
         generated = finish_after_eos(sequences[:, prompt_len:], set(eos), self.pad_token_id)

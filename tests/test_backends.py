@@ -1,0 +1,194 @@
+"""Every backend against the plain HF model, on a tiny random Llama (fast)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from steerx_lens import hooks
+from steerx_lens.backends import get_adapter
+from steerx_lens.errors import (
+    BatchMismatchError,
+    ModelMismatchError,
+    NonFiniteError,
+    UnknownSiteError,
+    VectorShapeError,
+)
+
+PROMPTS = ["Hello world. Cheers, Sam!", "I love hoppy beers", "Health news: sleep"]
+SITES = [
+    "hook_embed",
+    "blocks.1.hook_resid_pre",
+    "blocks.1.hook_attn_out",
+    "blocks.1.hook_resid_mid",
+    "blocks.1.hook_mlp_out",
+    "blocks.1.hook_resid_post",
+]
+
+
+def vector(d_model: int, seed: int = 0, rows: int | None = None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (d_model,) if rows is None else (rows, d_model)
+    return torch.randn(shape, generator=generator)
+
+
+def real_mask(model: Any, padding_side: str = "left") -> torch.Tensor:
+    return get_adapter(model).encode(PROMPTS, padding_side=padding_side).attention_mask.bool()
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_steered_logits_match_hf(tiny_models: dict[str, Any], tiny_model: Any, site: str) -> None:
+    steer = hooks.Steer(site, vector(64), alpha=3.0)
+    reference = hooks.run(tiny_models["hf"], PROMPTS, steer)
+    unsteered = hooks.run(tiny_models["hf"], PROMPTS)
+    mask = real_mask(tiny_models["hf"])
+    got = hooks.run(tiny_model, PROMPTS, steer)
+    assert (got - reference)[mask].abs().max() <= 1e-4
+    assert (reference - unsteered)[mask].abs().max() > 1e-2  # the steer did something
+
+
+def test_left_padded_rows_equal_single_runs(tiny_model: Any) -> None:
+    batched = hooks.run(tiny_model, PROMPTS)
+    mask = real_mask(tiny_model)
+    for row, prompt in enumerate(PROMPTS):
+        single = hooks.run(tiny_model, prompt)
+        assert (batched[row][mask[row]] - single[0]).abs().max() <= 1e-4
+
+
+def test_per_row_vectors_equal_single_prompt_runs(tiny_model: Any) -> None:
+    vectors = vector(64, seed=1, rows=3)
+    site = "blocks.0.hook_resid_post"
+    batched = hooks.run(tiny_model, PROMPTS, hooks.Steer(site, vectors, alpha=2.0))
+    mask = real_mask(tiny_model)
+    for row, prompt in enumerate(PROMPTS):
+        single = hooks.run(tiny_model, prompt, hooks.Steer(site, vectors[row], alpha=2.0))
+        assert (batched[row][mask[row]] - single[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_prompt_last_steering_leaves_earlier_positions_untouched(
+    tiny_model: Any, padding_side: str
+) -> None:
+    if padding_side == "right" and get_adapter(tiny_model).name == "nnsight":
+        pytest.skip("nnsight left-pads causal models itself")
+    steer = hooks.Steer("blocks.0.hook_resid_pre", vector(64), 4.0, "prompt_last_and_generated")
+    later = ["blocks.1.hook_resid_post"]
+    _, clean = hooks.cache(tiny_model, PROMPTS, later, padding_side=padding_side)
+    _, steered = hooks.cache(tiny_model, PROMPTS, later, steer, padding_side=padding_side)
+    mask = real_mask(tiny_model, padding_side)
+    last = mask.long().cumsum(1).argmax(1)  # index of each row's last real token
+    diff = (steered[later[0]] - clean[later[0]]).abs().amax(-1)
+    for row in range(len(PROMPTS)):
+        before_last = mask[row].clone()
+        before_last[last[row] :] = False
+        assert diff[row][before_last].max() <= 1e-5
+        assert diff[row][last[row]] > 1e-2
+
+
+def test_steered_generation_matches_hf(tiny_models: dict[str, Any], tiny_model: Any) -> None:
+    steer = hooks.Steer("blocks.1.hook_resid_post", vector(64), 2.0, "prompt_last_and_generated")
+    reference = hooks.generate(tiny_models["hf"], PROMPTS, steer, max_new_tokens=6)
+    got = hooks.generate(tiny_model, PROMPTS, steer, max_new_tokens=6)
+    assert torch.equal(got.sequences, reference.sequences)
+    assert got.texts == reference.texts
+
+
+def test_generation_steers_every_generated_token(tiny_model: Any) -> None:
+    site = "blocks.1.hook_resid_post"
+    steer = hooks.Steer(site, vector(64), 2.0, "prompt_last_and_generated")
+    store: dict[str, torch.Tensor] = {}
+    out = hooks.generate(tiny_model, PROMPTS, steer, hooks.Capture(site, store), max_new_tokens=4)
+    # Replay the generated sequence unsteered: the difference is alpha * v exactly where steered.
+    fed = out.sequences[:, :-1]  # the last token is never fed back
+    mask = (fed != get_adapter(tiny_model).pad_token_id).long()
+    mask[:, out.prompt_len :] = 1
+    _, clean = hooks.cache(tiny_model, {"input_ids": fed, "attention_mask": mask}, [site])
+    steered_norm = (store[site] - clean[site]).norm(dim=-1)
+    expected = 2.0 * vector(64).norm()
+    last_prompt = out.prompt_len - 1  # left padding: the last prompt position is shared
+    assert torch.allclose(steered_norm[:, last_prompt:], expected.expand(3, 4), rtol=1e-3)
+    assert steered_norm[:, :last_prompt].max() <= 1e-4
+
+
+def test_hooks_removed_after_apply_even_on_error(tiny_model: Any) -> None:
+    clean = hooks.run(tiny_model, PROMPTS[0])
+    steer = hooks.Steer("blocks.0.hook_resid_post", vector(64), alpha=5.0)
+    with hooks.apply(tiny_model, steer):
+        inside = hooks.run(tiny_model, PROMPTS[0])
+    assert (inside - clean).abs().max() > 1e-2
+    assert torch.equal(hooks.run(tiny_model, PROMPTS[0]), clean)
+    with pytest.raises(RuntimeError, match="boom"), hooks.apply(tiny_model, steer):
+        raise RuntimeError("boom")
+    assert torch.equal(hooks.run(tiny_model, PROMPTS[0]), clean)
+
+
+def test_interventions_stack_in_order(tiny_model: Any) -> None:
+    site = "blocks.0.hook_resid_post"
+    steer = hooks.Steer(site, vector(64), alpha=2.0)
+    ablate = hooks.Ablate(site)
+    only_steer_on_zero = hooks.run(tiny_model, PROMPTS, ablate, steer)
+    zero = hooks.run(tiny_model, PROMPTS, steer, ablate)
+    plain_zero = hooks.run(tiny_model, PROMPTS, ablate)
+    mask = real_mask(tiny_model)
+    assert (zero - plain_zero)[mask].abs().max() <= 1e-5
+    assert (only_steer_on_zero - plain_zero)[mask].abs().max() > 1e-2
+
+
+def test_patch_from_counterfactual_run_reproduces_it(tiny_model: Any) -> None:
+    adapter = get_adapter(tiny_model)
+    clean = adapter.encode("Cheers, Sam! I love beer").input_ids
+    counterfactual = clean.clone()
+    counterfactual[0, :3] = adapter.encode("Hello world").input_ids[0, :3]  # same length context
+    cf_logits, cf_cache = hooks.cache(tiny_model, counterfactual, ["hook_embed"])
+    patched = hooks.run(tiny_model, clean, hooks.Patch("hook_embed", cf_cache["hook_embed"]))
+    assert (patched - cf_logits).abs().max() <= 1e-5
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model: Any) -> None:
+    with pytest.raises(UnknownSiteError, match="out of range"):
+        hooks.run(tiny_model, PROMPTS[0], hooks.Steer("blocks.7.hook_resid_post", vector(64)))
+    with pytest.raises(UnknownSiteError, match="unknown site"):
+        hooks.run(tiny_model, PROMPTS[0], hooks.Steer("blocks.0.hook_resid_middle", vector(64)))
+    with pytest.raises(VectorShapeError, match="d_model is 64"):
+        hooks.run(tiny_model, PROMPTS[0], hooks.Steer("blocks.0.hook_resid_post", vector(32)))
+    other = hooks.Steer("blocks.0.hook_resid_post", vector(64), model_fingerprint="30x576:abc")
+    with pytest.raises(ModelMismatchError, match="30x576:abc"):
+        hooks.run(tiny_model, PROMPTS[0], other)
+    with pytest.raises(BatchMismatchError, match="2 rows"):
+        hooks.run(tiny_model, PROMPTS, hooks.Steer("blocks.0.hook_resid_post", vector(64, rows=2)))
+    with pytest.raises(NonFiniteError):
+        hooks.Steer("blocks.0.hook_resid_post", torch.full((64,), float("nan")))
+
+
+def test_fingerprint_is_the_same_on_every_backend(tiny_models: dict[str, Any]) -> None:
+    prints = {get_adapter(model).fingerprint() for model in tiny_models.values()}
+    assert len(prints) == 1 and next(iter(prints)).startswith("2x64:")
+
+
+def test_works_inside_users_own_transformer_lens_hooks(tiny_models: dict[str, Any]) -> None:
+    model = tiny_models["transformer_lens"]
+    tokens = get_adapter(model).encode(PROMPTS[0]).input_ids
+    seen: list[torch.Tensor] = []
+    steer = hooks.Steer("blocks.0.hook_resid_post", vector(64), alpha=2.0)
+
+    def record(act: torch.Tensor, hook: Any) -> None:
+        seen.append(act.clone())
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", record)]), hooks.apply(model, steer):
+        model(tokens)
+    _, clean = hooks.cache(model, PROMPTS[0], ["blocks.0.hook_resid_post"])
+    # the user's hook ran first (registered first), so it saw the unsteered activation
+    assert torch.allclose(seen[0], clean["blocks.0.hook_resid_post"], atol=1e-6)
+
+
+def test_intervene_inside_users_own_nnsight_trace(tiny_models: dict[str, Any]) -> None:
+    model = tiny_models["nnsight"]
+    steer = hooks.Steer("blocks.0.hook_resid_post", vector(64), alpha=2.0)
+    tokens = get_adapter(model).encode(PROMPTS[0]).input_ids
+    with model.trace(tokens):
+        hooks.intervene(model, steer)
+        logits = model.lm_head.output.save()
+    reference = hooks.run(tiny_models["hf"], PROMPTS[0], steer)
+    assert (logits - reference).abs().max() <= 1e-5
