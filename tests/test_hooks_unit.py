@@ -40,7 +40,10 @@ def test_generated_step_is_selected_by_absolute_position() -> None:
 
 def test_slice_counts_real_tokens_only() -> None:
     chosen = ctx_for(LEFT).select(slice(0, 1))
-    assert chosen.tolist() == [[False, False, True, False, False], [True, False, False, False, False]]
+    assert chosen.tolist() == [
+        [False, False, True, False, False],
+        [True, False, False, False, False],
+    ]
     last = ctx_for(LEFT).select(slice(-1, None))
     assert last.tolist() == [[False] * 4 + [True], [False] * 4 + [True]]
 
@@ -136,8 +139,12 @@ def test_capture_concatenates_generation_steps() -> None:
     n_pad=st.integers(0, 4),
     length=st.integers(1, 6),
 )
-def test_steer_is_invertible_and_never_touches_padding(alpha: float, n_pad: int, length: int) -> None:
-    mask = torch.cat([torch.zeros(1, n_pad, dtype=torch.bool), torch.ones(1, length, dtype=torch.bool)], 1)
+def test_steer_is_invertible_and_never_touches_padding(
+    alpha: float, n_pad: int, length: int
+) -> None:
+    mask = torch.cat(
+        [torch.zeros(1, n_pad, dtype=torch.bool), torch.ones(1, length, dtype=torch.bool)], 1
+    )
     ctx = ctx_for(mask)
     act = torch.randn(1, n_pad + length, 4)
     vector = torch.randn(4)

@@ -9,6 +9,7 @@ nnsight requires sites to be visited in execution order within one invoke; adapt
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -146,6 +147,7 @@ class NNsightAdapter(ModelAdapter):
 
         with (
             torch.no_grad(),
+            warnings.catch_warnings(),
             self.model.generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
@@ -157,6 +159,7 @@ class NNsightAdapter(ModelAdapter):
                 remote=self.remote,
             ) as tracer,
         ):
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
             with tracer.invoke(self._inputs(batch)):
                 if interventions:
                     # Bounded loop: if every row stops at EOS early, nnsight cuts it short and
