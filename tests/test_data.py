@@ -24,7 +24,7 @@ from steerx_lens.data import (
     read_users,
     save_users,
 )
-from steerx_lens.models import DEMO_DIRNAME, build_tiny_model_dir, cache_dir
+from steerx_lens.models import build_tiny_model_dir, demo_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,8 @@ def plain_tokenizer() -> Any:
 
 @pytest.fixture(scope="module")
 def chat_tokenizer() -> Any:
-    """The demo model's tokenizer (SmolLM2 chat template); skipped if the model is not cached."""
-    folder = cache_dir() / DEMO_DIRNAME
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip(f"demo model not cached at {folder} (build it with models.demo_model_dir())")
-    return AutoTokenizer.from_pretrained(str(folder))
+    """The demo model's tokenizer (SmolLM2 chat template); builds the demo cache if needed."""
+    return AutoTokenizer.from_pretrained(str(demo_model_dir()))
 
 
 def _user() -> UserHistory:
