@@ -1,0 +1,217 @@
+"""Steering vectors with the metadata needed to apply, compare and share them safely.
+
+A :class:`SteeringVector` is a ``[d_model]`` tensor plus where it belongs (site, layer, the
+model's fingerprint) and how it was made (backbone, ``baseline``/``steerx`` mode, description).
+Files are safetensors with the metadata stored in the safetensors header (one JSON string under
+the key ``"steerx"``), written atomically; loading checks the format version, the tensor and,
+when a model is given, the model fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from steerx_lens.errors import ModelMismatchError, NonFiniteError, SteerXError, VectorShapeError
+from steerx_lens.hooks import Positions, Steer
+
+FORMAT_VERSION = 1
+TENSOR_KEY = "vector"
+METADATA_KEY = "steerx"
+Mode = Literal["baseline", "steerx", "shared", "other"]
+
+
+class VectorFileError(SteerXError, ValueError):
+    """A vector file that is missing, truncated, corrupt or from a newer format version."""
+
+
+def library_version() -> str:
+    try:
+        return version("steerx-lens")
+    except PackageNotFoundError:  # running from a source tree without installation
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """A steering direction at one site of one model, with its provenance."""
+
+    vector: Float[Tensor, " d_model"]
+    site: str
+    model_fingerprint: str
+    backbone: str = "mean_diff"
+    mode: Mode = "baseline"
+    alpha: float = 1.0
+    user_id: str | None = None
+    description: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    library_version: str = field(default_factory=library_version)
+    created: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, Tensor) or self.vector.ndim != 1:
+            raise VectorShapeError("SteeringVector.vector must be a 1-D tensor [d_model]")
+        if not torch.isfinite(self.vector).all():
+            raise NonFiniteError(f"steering vector for {self.site} contains NaN or infinity")
+        if self.d_model != self.fingerprint_d_model:
+            raise VectorShapeError(
+                f"vector width {self.d_model} does not match the model fingerprint "
+                f"{self.model_fingerprint} (d_model {self.fingerprint_d_model})"
+            )
+
+    # ------------------------------------------------------------------ description
+    @property
+    def d_model(self) -> int:
+        return int(self.vector.shape[0])
+
+    @property
+    def fingerprint_d_model(self) -> int:
+        """d_model as recorded in the fingerprint ``n_layers x d_model : hash``."""
+        try:
+            return int(self.model_fingerprint.split(":")[0].split("x")[1])
+        except (IndexError, ValueError) as error:
+            raise ValueError(f"malformed model fingerprint {self.model_fingerprint!r}") from error
+
+    @property
+    def layer(self) -> int | None:
+        """The block index of the site (None for ``hook_embed``)."""
+        parts = self.site.split(".")
+        return int(parts[1]) if parts[0] == "blocks" else None
+
+    # ------------------------------------------------------------------ arithmetic
+    def _with(self, vector: Tensor, **changes: Any) -> SteeringVector:
+        return replace(self, vector=vector, created=time.time(), **changes)
+
+    def _check_compatible(self, other: SteeringVector) -> None:
+        if (other.site, other.model_fingerprint) != (self.site, self.model_fingerprint):
+            raise ModelMismatchError(
+                f"cannot combine a vector at {other.site} on {other.model_fingerprint} with one "
+                f"at {self.site} on {self.model_fingerprint}"
+            )
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        self._check_compatible(other)
+        return self._with(self.vector + other.vector.to(self.vector))
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        self._check_compatible(other)
+        return self._with(self.vector - other.vector.to(self.vector))
+
+    def __mul__(self, scale: float) -> SteeringVector:
+        return self._with(self.vector * float(scale))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    def normalized(self) -> SteeringVector:
+        """The unit-norm vector (raises on a zero vector)."""
+        norm = self.norm()
+        if norm == 0.0:
+            raise VectorShapeError("cannot normalize a zero vector")
+        return self._with(self.vector / norm)
+
+    def cosine(self, other: SteeringVector) -> float:
+        self._check_compatible(other)
+        return float(torch.nn.functional.cosine_similarity(self.vector, other.vector, dim=0))
+
+    # ------------------------------------------------------------------ use
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`ModelMismatchError` unless ``model`` is the model this vector is for."""
+        from steerx_lens.backends import get_adapter
+
+        fingerprint = get_adapter(model).fingerprint()
+        if fingerprint != self.model_fingerprint:
+            raise ModelMismatchError(
+                f"this vector was made on model {self.model_fingerprint}, not on {fingerprint}"
+            )
+
+    def to_steer(
+        self, alpha: float | None = None, positions: Positions = "prompt_last_and_generated"
+    ) -> Steer:
+        """A :class:`hooks.Steer` (fingerprint-checked when applied); ``alpha`` defaults to ours."""
+        return Steer(
+            self.site,
+            self.vector,
+            alpha=self.alpha if alpha is None else alpha,
+            positions=positions,
+            model_fingerprint=self.model_fingerprint,
+        )
+
+    # ------------------------------------------------------------------ files
+    def metadata(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("vector")
+        data["format_version"] = FORMAT_VERSION
+        data["d_model"] = self.d_model
+        data["dtype"] = str(self.vector.dtype).removeprefix("torch.")
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file atomically (temporary file + rename in the same folder)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(
+                {TENSOR_KEY: self.vector.detach().cpu().contiguous()},
+                tmp,
+                metadata={METADATA_KEY: json.dumps(self.metadata())},
+            )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> SteeringVector:
+        """Read a vector file; with ``model``, also check it was made on that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise VectorFileError(f"no vector file at {path}")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise VectorFileError(
+                f"{path} is not a readable vector file (truncated or corrupt): {error}"
+            ) from error
+        if METADATA_KEY not in header or TENSOR_KEY not in tensors:
+            raise VectorFileError(f"{path} is a safetensors file but not a steerx_lens vector")
+        try:
+            meta = json.loads(header[METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise VectorFileError(f"{path}: corrupt metadata ({error})") from error
+        found = meta.pop("format_version", None)
+        if not isinstance(found, int) or found > FORMAT_VERSION:
+            raise VectorFileError(
+                f"{path} has vector format version {found}; this steerx_lens reads up to "
+                f"{FORMAT_VERSION}: upgrade steerx_lens"
+            )
+        meta.pop("d_model", None)
+        meta.pop("dtype", None)
+        vector = cls(vector=tensors[TENSOR_KEY], **meta)
+        if model is not None:
+            vector.check_model(model)
+        return vector
