@@ -347,13 +347,18 @@ def run(
     *interventions: Intervention,
     tokenizer: Any = None,
     padding_side: Literal["left", "right"] = "left",
+    grad: bool = False,
 ) -> Float[Tensor, "batch pos vocab"]:
-    """Run one forward pass with the interventions and return the logits."""
+    """Run one forward pass with the interventions and return the logits.
+
+    ``grad=True`` keeps the autograd graph, so a steering vector with ``requires_grad`` can be
+    trained through the model (hf, transformer_lens and bridge backends).
+    """
     from steerx_lens.backends import get_adapter
 
     adapter = get_adapter(model, tokenizer=tokenizer)
     batch = adapter.encode(inputs, padding_side=padding_side)
-    return adapter.forward(batch, list(interventions))
+    return adapter.forward(batch, list(interventions), grad=grad)
 
 
 def cache(

@@ -231,8 +231,9 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def forward(
-        self, batch: Batch, interventions: Sequence[Intervention]
-    ) -> Float[Tensor, "batch pos vocab"]: ...
+        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
+    ) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of one forward pass; ``grad=True`` keeps the autograd graph (e.g. for BiPO)."""
 
     @abstractmethod
     def generate(

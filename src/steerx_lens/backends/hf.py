@@ -168,9 +168,9 @@ class HFAdapter(ModelAdapter):
 
     # ---------------------------------------------------------------- running
     def forward(
-        self, batch: Batch, interventions: Sequence[Intervention]
+        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
     ) -> Float[Tensor, "batch pos vocab"]:
-        with self.apply(interventions), torch.no_grad():
+        with self.apply(interventions), torch.set_grad_enabled(grad):
             return self.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

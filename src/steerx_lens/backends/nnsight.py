@@ -26,6 +26,7 @@ from steerx_lens.backends.base import (
     pad_to_length,
 )
 from steerx_lens.backends.hf import ATTN_NAMES, _get_path, find_child, find_layers_path
+from steerx_lens.errors import BackendError
 from steerx_lens.hooks import HookContext, Intervention, compose
 
 
@@ -116,8 +117,13 @@ class NNsightAdapter(ModelAdapter):
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
     def forward(
-        self, batch: Batch, interventions: Sequence[Intervention]
+        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
     ) -> Float[Tensor, "batch pos vocab"]:
+        if grad:
+            raise BackendError(
+                "gradients through steerx_lens's nnsight path are not supported; train vectors "
+                "(e.g. BiPO) on the hf or transformer_lens backend and apply them here"
+            )
         interventions = [*self.active, *interventions]
         self.validate(interventions)
         ctx = HookContext(

@@ -132,9 +132,9 @@ class HookedTransformerAdapter(_TLAdapterBase):
         return self.model.register_forward_pre_hook(track, with_kwargs=True)
 
     def forward(
-        self, batch: Batch, interventions: Sequence[Intervention]
+        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
     ) -> Float[Tensor, "batch pos vocab"]:
-        with self.apply(interventions), torch.no_grad():
+        with self.apply(interventions), torch.set_grad_enabled(grad):
             return self.model(batch.input_ids, attention_mask=batch.attention_mask)
 
     def generate(
@@ -181,9 +181,9 @@ class BridgeAdapter(_TLAdapterBase):
         return install_tracker(self.model.original_model, self.tracker)
 
     def forward(
-        self, batch: Batch, interventions: Sequence[Intervention]
+        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
     ) -> Float[Tensor, "batch pos vocab"]:
-        with self.apply(interventions), torch.no_grad():
+        with self.apply(interventions), torch.set_grad_enabled(grad):
             return self.model(
                 batch.input_ids,
                 attention_mask=batch.attention_mask,
