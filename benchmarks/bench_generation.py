@@ -164,10 +164,8 @@ def build_configs(n_new: int, batch_size: int, seed: int) -> tuple[list[Config],
             )
         return out[:, prompt_len:]
 
-    configs.append(
-        Config("transformer_lens native HookedTransformer.generate", "transformer_lens",
-               "native", tl_native)
-    )
+    name = "transformer_lens native HookedTransformer.generate"
+    configs.append(Config(name, "transformer_lens", "native", tl_native))
     info = {
         "prompt_len": prompt_len,
         "batch": batch_size,
@@ -192,7 +190,28 @@ def measure(configs: list[Config], repeats: int) -> None:
             start = time.perf_counter()
             config.run()
             config.times.append(time.perf_counter() - start)
-        log(f"round {round_ + 1}/{repeats} done")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        log(f"round {round_ + 1}/{repeats} done (load average {load})")
+
+
+def profile(configs: list[Config], name: str) -> int:
+    import cProfile
+    import pstats
+
+    chosen = [c for c in configs if name in c.name]
+    if not chosen:
+        log(f"no configuration matches {name!r}; names: {[c.name for c in configs]}")
+        return 2
+    config = chosen[0]
+    config.run()  # warm-up
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(config.run)
+    log(f"profiled {config.name}: {time.perf_counter() - start:.2f}s (with profiler overhead)")
+    stats = pstats.Stats(profiler, stream=sys.stdout).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(20)
+    return 0
 
 
 def fmt_ratio(value: float | None, goal: float | None) -> str:
@@ -227,8 +246,8 @@ def table(configs: list[Config], info: dict, n_new: int) -> tuple[str, list[str]
         vs_hf = config.median / ref.median if config.kind != "reference" else None
         same = "-"
         if config.kind in ("unsteered", "native"):
-            same = "yes" if torch.equal(canonical(config.new_tokens, n_new, eos, pad),
-                                        ref_tokens) else "NO"
+            tokens = canonical(config.new_tokens, n_new, eos, pad)
+            same = "yes" if torch.equal(tokens, ref_tokens) else "NO"
             if same == "NO":
                 notes.append(f"{config.name}: greedy tokens differ from the HF reference")
         spread = (max(config.times) - min(config.times)) / config.median
@@ -280,12 +299,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="prompts per generation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random steering vector")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared machine several threads per "
+        "process oversubscribe the cores and make timings 5x slower and erratic; 0 keeps "
+        "torch's default)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="instead of the table: cProfile one run of the first configuration whose name "
+        "contains NAME (e.g. 'bridge hooks.generate steered') and print the top functions",
+    )
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1 or args.batch < 1:
         parser.error("--tokens, --repeats and --batch must be >= 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     configs, info = build_configs(args.tokens, args.batch, args.seed)
+    if args.profile:
+        return profile(configs, args.profile)
     load_start = os.getloadavg()
     measure(configs, args.repeats)
     body, notes = table(configs, info, args.tokens)
@@ -305,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "spread = (max - min) / median. Goals: steered / unsteered <= "
         f"{STEERED_GOAL:.2f} on every backend; `hf` backend / plain HF generate <= {HF_GOAL:.2f}.",
         "",
-        f"Command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else argv}`",
+        f"Command: `{' '.join(['benchmarks/bench_generation.py', *(argv or sys.argv[1:])])}`",
         "",
     ]
     footer = [
