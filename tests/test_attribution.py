@@ -359,3 +359,16 @@ def test_prompt_and_patch_agree_on_the_signoff(
         assert a.effects[index] > 1.0 and b.effects[index] > 1.0, (a.tokens[index], marker)
         checked += 1
     assert checked > 0
+
+
+def test_heldout_targets_use_the_whole_history_and_report_counterfactual_top(tiny: Any) -> None:
+    users = make_synthetic_users(n_users=3, n_history=3, n_heldout=2, seed=1)
+    user = users[0]
+    effects = token_effects(tiny, user, users, targets=user.heldout)
+    assert [e.item_index for e in effects] == [0, 1]
+    for item, target in zip(effects, user.heldout, strict=True):
+        assert "".join(item.tokens).strip() == target.output.strip()
+        assert item.counterfactual_top is not None
+        assert item.counterfactual_top.shape == item.token_ids.shape
+    one_item = UserHistory("solo", user.history[:1], user.heldout)
+    assert len(token_effects(tiny, one_item, users, targets=user.heldout[:1])) == 1

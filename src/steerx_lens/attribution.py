@@ -38,7 +38,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -112,6 +112,8 @@ class TokenEffects:
     ``logp_counterfactual`` is averaged over the counterfactual contexts. ``effects`` are
     ``logp_user - logp_counterfactual`` (``measure="logprob"``) or ``p_user - mean_k p_k``
     (``measure="prob"``). ``tokens`` are display texts that concatenate to the response.
+    ``counterfactual_top`` is the model's top-1 prediction at each position under the first
+    counterfactual context (used to build SteerX's minimal pairs).
     """
 
     user_id: str
@@ -122,6 +124,7 @@ class TokenEffects:
     logp_user: Float[Tensor, " n_tokens"]
     logp_counterfactual: Float[Tensor, " n_tokens"]
     measure: str = "logprob"
+    counterfactual_top: Int[Tensor, " n_tokens"] | None = None
 
 
 @dataclass(frozen=True)
@@ -267,9 +270,15 @@ def _encode_item(
 
 
 def prepare_items(
-    tokenizer: Any, user: UserHistory, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
+    tokenizer: Any,
+    user: UserHistory,
+    max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+    targets: Sequence[HistoryItem] | None = None,
 ) -> list[ItemSequence]:
     """Leave-one-out sequences for every history item of ``user``, fit to the token budget.
+
+    With ``targets`` (e.g. held-out items), each target is scored with the user's *whole*
+    history as context instead (one history item is then enough).
 
     The oldest other items are dropped (deterministically) until prompt + response fit in
     ``max_context_tokens``; if the item alone is too long, its response is cut. Raises
@@ -278,14 +287,17 @@ def prepare_items(
     """
     if not user.history:
         raise ValueError(f"user {user.user_id!r} has an empty history: nothing to attribute")
-    if len(user.history) < 2:
+    if targets is None and len(user.history) < 2:
         raise ValueError(
             f"user {user.user_id!r} has 1 history item: leave-one-out attribution needs at least "
             "2 (the other items form the preference context; with none every effect is 0)"
         )
     sequences = []
-    for index, item in enumerate(user.history):
-        others = user.history[:index] + user.history[index + 1 :]
+    scored = user.history if targets is None else targets
+    for index, item in enumerate(scored):
+        others = (
+            user.history[:index] + user.history[index + 1 :] if targets is None else user.history
+        )
 
         def fits(n_dropped: int, item: HistoryItem = item, others: list = others) -> bool:
             return len(_encode_item(tokenizer, item, others[n_dropped:])[0]) <= max_context_tokens
@@ -435,10 +447,17 @@ def _context_mask(rows: Sequence[_Row]) -> Bool[Tensor, "batch pos"]:
     return mask
 
 
+class Scores(NamedTuple):
+    """A row's response scores: log p of each actual token and the model's top-1 prediction."""
+
+    logp: Float[Tensor, " n_response"]
+    top: Int[Tensor, " n_response"]
+
+
 def _response_logprobs(
     logits: Float[Tensor, "batch pos vocab"], rows: Sequence[_Row]
-) -> list[Float[Tensor, " n_response"]]:
-    """log p of each row's response tokens (position ``p`` is predicted at ``p - 1``)."""
+) -> list[Scores]:
+    """Scores of each row's response tokens (position ``p`` is predicted at ``p - 1``)."""
     width = logits.shape[1]
     out = []
     for b, row in enumerate(rows):
@@ -446,10 +465,11 @@ def _response_logprobs(
         start, stop = offset + row.response_start - 1, offset + len(row.ids) - 1
         targets = torch.tensor(row.ids[row.response_start :], device=logits.device)
         logp = logits[b, start:stop].float().log_softmax(dim=-1)
-        out.append(logp.gather(-1, targets[:, None])[:, 0].cpu())
+        out.append(Scores(logp.gather(-1, targets[:, None])[:, 0].cpu(), logp.argmax(-1).cpu()))
     return out
 
 
+_NO_SCORES = Scores(torch.empty(0), torch.empty(0, dtype=torch.long))
 SourceFn = Callable[[list[int], dict[str, Tensor]], dict[str, Tensor]]
 
 
@@ -461,9 +481,9 @@ class _Scorer:
         self.adapter = adapter
         self.batch_size = batch_size
 
-    def plain(self, rows: Sequence[_Row]) -> list[Tensor]:
+    def plain(self, rows: Sequence[_Row]) -> list[Scores]:
         """Unpatched runs."""
-        out: list[Tensor] = [torch.empty(0)] * len(rows)
+        out: list[Scores] = [_NO_SCORES] * len(rows)
         for chunk in _chunks(rows, self.batch_size):
             batch_rows = [rows[i] for i in chunk]
             inputs = _padded(batch_rows, self.adapter.pad_token_id)
@@ -475,13 +495,13 @@ class _Scorer:
 
     def patched(
         self, rows: Sequence[_Row], site_groups: Sequence[Sequence[str]], sources: SourceFn
-    ) -> list[list[Tensor]]:
+    ) -> list[list[Scores]]:
         """Runs with each site group patched at the context positions; ``[group][row]``.
 
         ``sources(chunk, inputs)`` gives the ``[batch, pos, d]`` patch source of every site for
         the rows ``chunk`` (left-padded like ``inputs``).
         """
-        out = [[torch.empty(0)] * len(rows) for _ in site_groups]
+        out = [[_NO_SCORES] * len(rows) for _ in site_groups]
         for chunk in _chunks(rows, self.batch_size):
             batch_rows = [rows[i] for i in chunk]
             inputs = _padded(batch_rows, self.adapter.pad_token_id)
@@ -579,8 +599,9 @@ def _plan(
     k: int,
     budget: int,
     seed: int,
+    targets: Sequence[HistoryItem] | None = None,
 ) -> _Plan:
-    sequences = prepare_items(tokenizer, user, budget)
+    sequences = prepare_items(tokenizer, user, budget, targets)
     _warn_budget(user, sequences, budget)
     clean = [
         _Row(s.input_ids, (s.context_start, s.context_stop), s.response_start) for s in sequences
@@ -588,7 +609,8 @@ def _plan(
     plan = _Plan(sequences, clean)
     if method == "prompt":
         for index, seq in enumerate(sequences):
-            ids = _no_history_sequence(tokenizer, user.history[index], seq)
+            item = (user.history if targets is None else targets)[index]
+            ids = _no_history_sequence(tokenizer, item, seq)
             plan.counterfactual.append(_Row(ids, (0, 0), len(ids) - len(seq.response_ids)))
             plan.owner.append(index)
         return plan
@@ -607,7 +629,7 @@ def _plan(
 
 def _counterfactual_logprobs(
     scorer: _Scorer, plan: _Plan, counterfactual: str, site_groups: Sequence[Sequence[str]]
-) -> list[list[Tensor]]:
+) -> list[list[Scores]]:
     """log p of the response under do(h_0), ``[site group][counterfactual row]``.
 
     With ``"mean"`` the rows are the per-item clean rows (one per item).
@@ -645,10 +667,11 @@ def _counterfactual_logprobs(
 
 
 def _effects(
-    user_logp: Tensor, cf_logps: Sequence[Tensor], measure: str
+    user: Scores, counterfactuals: Sequence[Scores], measure: str
 ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
     """(effects, mean counterfactual log-prob) from the user's and the K counterfactual runs."""
-    stacked = torch.stack(list(cf_logps))
+    user_logp = user.logp
+    stacked = torch.stack([scores.logp for scores in counterfactuals])
     if measure == "prob":
         effects = user_logp.exp() - stacked.exp().mean(dim=0)
     else:
@@ -685,8 +708,12 @@ def token_effects(
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
     seed: int = 0,
     tokenizer: Any = None,
+    targets: Sequence[HistoryItem] | None = None,
 ) -> list[TokenEffects]:
     """Causal effects of the user's leave-one-out context on each history item's tokens.
+
+    With ``targets`` (e.g. the user's held-out items) the targets are scored instead, each with
+    the user's whole history as context (``item_index`` then indexes ``targets``).
 
     ``method="patch"``: the clean run (own history block) vs the same sequence whose context
     positions are patched at ``sites`` (default :data:`DEFAULT_SITES`) with the activations of a
@@ -722,6 +749,7 @@ def token_effects(
         k_counterfactual,
         max_context_tokens,
         seed,
+        targets,
     )
     user_logps = scorer.plain(plan.clean)
     if method == "prompt":
@@ -742,9 +770,10 @@ def token_effects(
                 token_texts(adapter.tokenizer, ids),
                 torch.tensor(ids),
                 effects,
-                user_logps[index],
+                user_logps[index].logp,
                 logp_cf,
                 measure,
+                counterfactual_top=mine[0].top,
             )
         )
     return results
