@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -82,7 +83,7 @@ def demo(
 ) -> None:
     """A short steering demo on the demo model: unsteered vs steered continuations."""
     console.print(f"[bold]loading the {'tiny' if tiny else 'demo'} model on {backend}[/bold]")
-    model = load_tiny_model(backend) if tiny else load_demo_model(backend)  # type: ignore[arg-type]
+    model = load_model(backend, tiny)
     site = f"blocks.{layer}.hook_resid_post"
     vector = contrast_vector(model, site)
     steer = hooks.Steer(site, vector, alpha=alpha, positions="prompt_last_and_generated")
@@ -112,6 +113,65 @@ def demo(
     Console().print(table)
     write_text_atomic(out / "demo.md", "\n".join(lines) + "\n")
     console.print(f"wrote {out / 'demo.md'}")
+
+
+def load_model(backend: str, tiny: bool) -> Any:
+    """The demo model (or the tiny random model) on ``backend``, with a clear error."""
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    return load_tiny_model(backend) if tiny else load_demo_model(backend)  # type: ignore[arg-type]
+
+
+def safe_name(user_id: str) -> str:
+    """A file-name-safe version of a user id."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in user_id)
+
+
+@app.command()
+def attribute(
+    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "synthetic",
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/attribution"),
+    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
+    method: Annotated[str, typer.Option(help="patch | prompt")] = "patch",
+    describer: Annotated[str, typer.Option(help="template | llm (the model itself)")] = "llm",
+    layer_map: Annotated[bool, typer.Option(help="also draw a layers x tokens map")] = False,
+    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+) -> None:
+    """Causal token attribution for each user: ranked spans, description, HTML views."""
+    from tqdm.auto import tqdm
+
+    from steerx_lens.attribution import attribute_user, layer_effects
+    from steerx_lens.data import load_users
+    from steerx_lens.describe import LLMDescriber, TemplateDescriber, describe
+    from steerx_lens.viz import save_attribution_html, save_layer_heatmap
+
+    population = load_users(data)
+    chosen = population[:users] if users else population
+    model = load_model(backend, tiny)
+    writer = LLMDescriber(model) if describer == "llm" else TemplateDescriber()
+    records = []
+    for user in tqdm(chosen, desc="attributing users"):
+        result = describe(attribute_user(model, user, population, method=method), writer)
+        html_name = f"{safe_name(user.user_id)}.html"
+        save_attribution_html(result, out / html_name)
+        record: dict[str, Any] = {
+            "user_id": user.user_id,
+            "spans": [{"text": s.text, "score": s.score, "count": s.count} for s in result.spans],
+            "description": result.description,
+            "html": html_name,
+        }
+        if layer_map:
+            first = layer_effects(model, user, population)[0]
+            record["layer_map"] = save_layer_heatmap(
+                first, out / f"{safe_name(user.user_id)}-layers.png"
+            ).name
+        records.append(record)
+    config = {"data": data, "method": method, "describer": describer, "backend": backend}
+    write_text_atomic(
+        out / "attribution.json", json.dumps({"config": config, "users": records}, indent=2)
+    )
+    console.print(f"wrote {out / 'attribution.json'} and {len(records)} HTML views")
 
 
 @app.command()
