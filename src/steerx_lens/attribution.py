@@ -229,7 +229,7 @@ def history_block(items: Sequence[HistoryItem]) -> str:
     )
 
 
-def _encode_item(
+def encode_item(
     tokenizer: Any, item: HistoryItem, others: Sequence[HistoryItem]
 ) -> tuple[list[int], int, int, int]:
     """(ids, context_start, context_stop, response_start) for ``item`` with ``others`` as history.
@@ -300,7 +300,7 @@ def prepare_items(
         )
 
         def fits(n_dropped: int, item: HistoryItem = item, others: list = others) -> bool:
-            return len(_encode_item(tokenizer, item, others[n_dropped:])[0]) <= max_context_tokens
+            return len(encode_item(tokenizer, item, others[n_dropped:])[0]) <= max_context_tokens
 
         low, high = 0, len(others)  # smallest n_dropped that fits (binary search), else all
         while low < high:
@@ -309,7 +309,7 @@ def prepare_items(
                 high = middle
             else:
                 low = middle + 1
-        ids, start, stop, response_start = _encode_item(tokenizer, item, others[low:])
+        ids, start, stop, response_start = encode_item(tokenizer, item, others[low:])
         truncated = len(ids) > max_context_tokens
         if truncated:
             if response_start >= max_context_tokens:
@@ -369,7 +369,7 @@ def counterfactual_contexts(
 
 def _no_history_sequence(tokenizer: Any, item: HistoryItem, seq: ItemSequence) -> list[int]:
     """``method="prompt"``: the same item without the history block, same response tokens."""
-    ids, _, _, response_start = _encode_item(tokenizer, item, [])
+    ids, _, _, response_start = encode_item(tokenizer, item, [])
     response = ids[response_start:][: len(seq.response_ids)]
     if response != seq.response_ids:
         raise ValueError(

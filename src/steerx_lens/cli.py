@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from steerx_lens import hooks
+from steerx_lens.atomic import write_text
 from steerx_lens.backends import get_adapter
 from steerx_lens.models import BACKENDS, load_demo_model, load_tiny_model
 
@@ -36,15 +35,6 @@ DEMO_PROMPTS = [
     "What do you think of the new library?",
     "Describe the weather today.",
 ]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-        tmp_name = tmp.name
-    os.replace(tmp_name, path)
 
 
 def contrast_vector(model: Any, site: str) -> torch.Tensor:
@@ -111,7 +101,7 @@ def demo(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     Console().print(table)
-    write_text_atomic(out / "demo.md", "\n".join(lines) + "\n")
+    write_text(out / "demo.md", "\n".join(lines) + "\n")
     console.print(f"wrote {out / 'demo.md'}")
 
 
@@ -168,9 +158,7 @@ def attribute(
             ).name
         records.append(record)
     config = {"data": data, "method": method, "describer": describer, "backend": backend}
-    write_text_atomic(
-        out / "attribution.json", json.dumps({"config": config, "users": records}, indent=2)
-    )
+    write_text(out / "attribution.json", json.dumps({"config": config, "users": records}, indent=2))
     console.print(f"wrote {out / 'attribution.json'} and {len(records)} HTML views")
 
 

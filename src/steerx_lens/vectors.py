@@ -10,8 +10,6 @@ when a model is given, the model fingerprint.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -21,9 +19,10 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from steerx_lens.atomic import write_bytes
 from steerx_lens.errors import ModelMismatchError, NonFiniteError, SteerXError, VectorShapeError
 from steerx_lens.hooks import Positions, Steer
 
@@ -165,21 +164,11 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file atomically (temporary file + rename in the same folder)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {TENSOR_KEY: self.vector.detach().cpu().contiguous()},
-                tmp,
-                metadata={METADATA_KEY: json.dumps(self.metadata())},
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        data = save(
+            {TENSOR_KEY: self.vector.detach().cpu().contiguous()},
+            metadata={METADATA_KEY: json.dumps(self.metadata())},
+        )
+        return write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> SteeringVector:

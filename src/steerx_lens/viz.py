@@ -8,13 +8,13 @@ widget for notebooks.
 from __future__ import annotations
 
 import html
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from steerx_lens.atomic import write_bytes, write_text
 from steerx_lens.attribution import LayerEffects, TokenEffects, UserAttribution
 
 COLOR_LIMIT = 4.0  # nats at which the colour saturates
@@ -78,18 +78,9 @@ def attribution_html(attribution: UserAttribution, limit: float = COLOR_LIMIT) -
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-    return path
-
-
 def save_attribution_html(attribution: UserAttribution, path: str | Path) -> Path:
     """Write :func:`attribution_html` to ``path`` atomically."""
-    return _atomic_write(Path(path), attribution_html(attribution).encode("utf-8"))
+    return write_text(path, attribution_html(attribution))
 
 
 def save_layer_heatmap(effects: LayerEffects, path: str | Path, max_tokens: int = 80) -> Path:
@@ -115,14 +106,10 @@ def save_layer_heatmap(effects: LayerEffects, path: str | Path, max_tokens: int 
     axis.set_title(f"Layer-resolved causal effects, {effects.user_id} item {effects.item_index}")
     fig.colorbar(image, ax=axis, label="effect (nats)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return write_bytes(path, buffer.getvalue())
 
 
 def circuitsvis_tokens(item: TokenEffects) -> Any:

@@ -1,0 +1,182 @@
+"""Contrastive mean-difference vectors (StyleVector / CAA) and SteerX's minimal-pair vectors.
+
+All vectors here are differences of *pooled* activations at one site: for each sequence
+(prompt ⊕ response) the activations are averaged over the response positions
+(``pool="response_mean"``, the default: measured much better than the last token on the demo
+model) or read at the last token (``pool="last"``).
+
+- :func:`mean_diff_vector`: ``mean_i pool h(x_i ⊕ y_i) − pool h(x_i ⊕ ŷ_i)`` — the classic
+  all-history vector, with ŷ the model's own greedy answer (or a neutral text).
+- :func:`minimal_pair_vector`: ``mean_i pool h(x_i ⊕ y_i) − pool h(x_i ⊕ y_i^swap)`` where
+  ``y^swap`` replaces only the user's preference-driven tokens by the model's prediction under
+  other users' context (same token count). This is SteerX's user-specific component.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from steerx_lens import hooks
+from steerx_lens.atomic import write_text
+from steerx_lens.backends import get_adapter
+
+Pool = Literal["response_mean", "last"]
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_ANSWER_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """Token ids of prompt ⊕ response; the response starts at ``response_start``."""
+
+    input_ids: list[int]
+    response_start: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.response_start < len(self.input_ids):
+            raise ValueError(
+                f"a sequence needs a non-empty prompt and response (response_start="
+                f"{self.response_start}, length {len(self.input_ids)})"
+            )
+
+    def with_response(self, response_ids: Sequence[int]) -> EncodedText:
+        return EncodedText(
+            self.input_ids[: self.response_start] + list(response_ids), self.response_start
+        )
+
+
+def _left_padded(texts: Sequence[EncodedText], pad_id: int) -> tuple[dict[str, Tensor], Tensor]:
+    """A left-padded batch and the mask of response positions."""
+    width = max(len(text.input_ids) for text in texts)
+    ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    response = torch.zeros((len(texts), width), dtype=torch.bool)
+    for row, text in enumerate(texts):
+        offset = width - len(text.input_ids)
+        ids[row, offset:] = torch.tensor(text.input_ids)
+        mask[row, offset:] = 1
+        response[row, offset + text.response_start :] = True
+    return {"input_ids": ids, "attention_mask": mask}, response
+
+
+def pooled_activations(
+    model: Any,
+    site: str,
+    texts: Sequence[EncodedText],
+    pool: Pool = "response_mean",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Float[Tensor, "n d_model"]:
+    """Activations at ``site`` pooled over each sequence's response (or its last token)."""
+    if not texts:
+        raise ValueError("no sequences to read activations from")
+    adapter = get_adapter(model)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))  # less padding
+    pooled: dict[int, Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        inputs, response = _left_padded([texts[i] for i in chunk], adapter.pad_token_id)
+        _, acts = hooks.cache(model, inputs, [site])
+        act = acts[site].float().cpu()
+        if pool == "last":
+            values = act[:, -1]
+        elif pool == "response_mean":
+            weights = response.unsqueeze(-1).float()
+            values = (act * weights).sum(1) / weights.sum(1)
+        else:
+            raise ValueError(f"unknown pool {pool!r}; use 'response_mean' or 'last'")
+        for row, index in enumerate(chunk):
+            pooled[index] = values[row]
+    return torch.stack([pooled[i] for i in range(len(texts))])
+
+
+def mean_diff_vector(
+    model: Any,
+    site: str,
+    positives: Sequence[EncodedText],
+    negatives: Sequence[EncodedText],
+    pool: Pool = "response_mean",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Float[Tensor, " d_model"]:
+    """``mean(pool h(positive)) − mean(pool h(negative))`` (paired or not)."""
+    plus = pooled_activations(model, site, positives, pool, batch_size)
+    minus = pooled_activations(model, site, negatives, pool, batch_size)
+    return plus.mean(0) - minus.mean(0)
+
+
+def minimal_pair_vector(
+    model: Any,
+    site: str,
+    originals: Sequence[EncodedText],
+    swapped: Sequence[EncodedText],
+    pool: Pool = "response_mean",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Float[Tensor, " d_model"]:
+    """Mean over pairs of ``pool h(original) − pool h(swapped)``; pairs must align token-wise."""
+    if len(originals) != len(swapped):
+        raise ValueError(f"{len(originals)} originals but {len(swapped)} swapped twins")
+    for original, twin in zip(originals, swapped, strict=True):
+        if len(original.input_ids) != len(twin.input_ids):
+            raise ValueError("a minimal pair must keep the token count of the original")
+    return mean_diff_vector(model, site, originals, swapped, pool, batch_size)
+
+
+def residual_norm(
+    model: Any, site: str, texts: Sequence[EncodedText], batch_size: int = DEFAULT_BATCH_SIZE
+) -> float:
+    """Median activation norm at ``site`` over response tokens: the scale for vector strengths."""
+    adapter = get_adapter(model)
+    norms = []
+    for start in range(0, len(texts), batch_size):
+        inputs, response = _left_padded(texts[start : start + batch_size], adapter.pad_token_id)
+        _, acts = hooks.cache(model, inputs, [site])
+        norms.append(acts[site].float().norm(dim=-1)[response.to(acts[site].device)].cpu())
+    return float(torch.cat(norms).median())
+
+
+# ------------------------------------------------------------------------------ model answers ŷ
+
+
+def _answers_key(fingerprint: str, prompts: Sequence[str], max_new_tokens: int) -> str:
+    digest = hashlib.sha256(json.dumps([fingerprint, list(prompts), max_new_tokens]).encode())
+    return digest.hexdigest()[:20]
+
+
+def model_answers(
+    model: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """The model's own greedy answers ŷ to ``prompts`` (chat-formatted prompt texts).
+
+    Cached as JSON under ``cache_dir`` (keyed by model fingerprint, prompts and length), so the
+    baseline's negatives are generated once.
+    """
+    adapter = get_adapter(model)
+    path = None
+    if cache_dir is not None:
+        key = _answers_key(adapter.fingerprint(), prompts, max_new_tokens)
+        path = Path(cache_dir) / f"answers-{key}.json"
+        if path.exists():
+            return list(json.loads(path.read_text()))
+    answers: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="model answers ŷ", disable=not progress):
+        chunk = list(prompts[start : start + batch_size])
+        answers.extend(hooks.generate(model, chunk, max_new_tokens=max_new_tokens).texts)
+    answers = [answer.strip() or "." for answer in answers]
+    if path is not None:
+        write_text(path, json.dumps(answers))
+    return answers
