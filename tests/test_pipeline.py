@@ -1,0 +1,111 @@
+"""The SteerX pipeline: population, per-user vectors in both modes, failures, generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from steerx_lens.data import UserHistory, make_synthetic_users
+from steerx_lens.errors import SteerXError
+from steerx_lens.models import load_tiny_model
+from steerx_lens.pipeline import FitResult, Population, SteerX, SteerXConfig, stacked_steer
+from steerx_lens.vectors import SteeringVector
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    return load_tiny_model("hf")
+
+
+@pytest.fixture(scope="module")
+def users() -> list[UserHistory]:
+    return make_synthetic_users(n_users=3, n_history=3, n_heldout=1, seed=0)
+
+
+def quick(model: Any, **changes: Any) -> SteerX:
+    config = SteerXConfig(layer=1, answer_tokens=6, max_context_tokens=256, bipo_steps=3, **changes)
+    return SteerX(model, config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny: Any, users: list[UserHistory]) -> FitResult:
+    return quick(tiny).fit_many(users)
+
+
+def test_fit_many_reports_a_broken_user_and_fits_the_others(
+    tiny: Any, users: list, fitted: FitResult
+) -> None:
+    broken = UserHistory("broken", [], [])
+    result = quick(tiny).fit_many([*users, broken])
+    assert result.failures == {"broken": "empty history"}
+    assert sorted(result.users) == sorted(u.user_id for u in users)
+    for user_fit in result.users.values():
+        for vector, mode in ((user_fit.baseline, "baseline"), (user_fit.steerx, "steerx")):
+            assert vector.mode == mode and vector.d_model == 64
+            assert torch.isfinite(vector.vector).all() and vector.norm() > 0
+            assert vector.site == "blocks.1.hook_resid_post"
+    shared = torch.stack([f.baseline.vector for f in result.users.values()]).mean(0)
+    assert torch.allclose(result.population.shared.vector, shared)
+    assert torch.equal(result.population.shared.vector, fitted.population.shared.vector)
+
+
+def test_vectors_are_bit_identical_with_a_fixed_seed(
+    tiny: Any, users: list, fitted: FitResult
+) -> None:
+    first, second = fitted, quick(tiny).fit_many(users)
+    for user_id, user_fit in first.users.items():
+        assert torch.equal(user_fit.baseline.vector, second.users[user_id].baseline.vector)
+        assert torch.equal(user_fit.steerx.vector, second.users[user_id].steerx.vector)
+
+
+@pytest.mark.parametrize("backbone", ["bipo"])
+def test_other_backbones_run_in_both_modes(tiny: Any, users: list, backbone: str) -> None:
+    result = quick(tiny, backbone=backbone).fit_many(users)
+    fitted = result.users[users[0].user_id]
+    assert fitted.baseline.backbone == backbone and fitted.steerx.backbone == backbone
+    assert torch.isfinite(fitted.baseline.vector).all() and fitted.baseline.norm() > 0
+
+
+def test_fit_needs_a_population_and_population_round_trips(
+    tiny: Any, users: list, tmp_path: Path
+) -> None:
+    pipeline = quick(tiny)
+    with pytest.raises(SteerXError, match="reference population"):
+        pipeline.fit(users[0])
+    with pytest.raises(SteerXError, match="at least 2 users"):
+        pipeline.build_population(users[:1])
+    population = pipeline.build_population(users)
+    population.save(tmp_path)
+    loaded = Population.load(tmp_path, model=tiny)
+    assert torch.equal(loaded.shared.vector, population.shared.vector)
+    assert [u.user_id for u in loaded.users] == [u.user_id for u in users]
+    assert loaded.residual_norm == population.residual_norm
+    fitted = pipeline.fit(users[0], loaded)
+    assert fitted.steerx.mode == "steerx"
+    with pytest.raises(SteerXError, match="no saved population"):
+        Population.load(tmp_path / "nothing")
+
+
+def test_generate_steers_each_row_with_its_own_vector(
+    tiny: Any, users: list, fitted: FitResult
+) -> None:
+    vectors = [fitted.users[u.user_id].baseline * 50.0 for u in users]
+    pipeline = quick(tiny)
+    prompts = ["What is good beer?"] * 3
+    batched = pipeline.generate(prompts, vectors, max_new_tokens=5)
+    singles = [pipeline.generate(prompts[:1], [v], max_new_tokens=5)[0] for v in vectors]
+    assert batched == singles
+    with pytest.raises(SteerXError, match="one per row"):
+        pipeline.generate(prompts, vectors[:2])
+
+
+def test_stacked_steer_refuses_mixed_sites(fitted: FitResult) -> None:
+    vector = fitted.population.shared
+    elsewhere = SteeringVector(vector.vector, "blocks.0.hook_resid_post", vector.model_fingerprint)
+    with pytest.raises(SteerXError, match="share one site"):
+        stacked_steer([vector, elsewhere])
+    steer = stacked_steer([vector, vector * 2.0], alpha=3.0)
+    assert torch.allclose(steer.vector[1], 6.0 * vector.vector)
