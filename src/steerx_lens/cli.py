@@ -162,6 +162,150 @@ def attribute(
     console.print(f"wrote {out / 'attribution.json'} and {len(records)} HTML views")
 
 
+def pipeline_config(
+    layer: int, alpha: float, backbone: str, describer: str, r: float | None = None
+) -> Any:
+    """A :class:`SteerXConfig` from CLI options (unset options keep the documented defaults)."""
+    from steerx_lens.pipeline import SteerXConfig
+
+    changes: dict[str, Any] = {
+        "layer": layer,
+        "alpha": alpha,
+        "backbone": backbone,
+        "describer": describer,
+    }
+    if r is not None:
+        changes["r"] = r
+    return SteerXConfig(**changes)
+
+
+def read_best(path: Path | None) -> dict[str, Any]:
+    """``best.json`` written by ``steerx sweep`` (layer, alpha), or nothing."""
+    return json.loads(path.read_text()) if path else {}
+
+
+@app.command()
+def fit(
+    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "synthetic",
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/fit"),
+    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
+    backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
+    layer: Annotated[int, typer.Option(help="layer whose resid_post is steered")] = 12,
+    alpha: Annotated[float, typer.Option(help="default steering strength")] = 1.0,
+    mode: Annotated[str, typer.Option(help="steerx | baseline | both")] = "both",
+    describer: Annotated[str, typer.Option(help="template | llm")] = "template",
+    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+) -> None:
+    """Fit SteerX and/or baseline vectors: one vector file per user and mode, plus fit.json."""
+    from steerx_lens.data import load_users
+    from steerx_lens.pipeline import SteerX
+
+    if mode not in ("steerx", "baseline", "both"):
+        raise typer.BadParameter(f"unknown mode {mode!r}; use steerx, baseline or both")
+    population = load_users(data)
+    model = load_model(backend, tiny)
+    config = pipeline_config(layer, alpha, backbone, describer)
+    result = SteerX(model, config, cache_dir=out / "cache").fit_many(
+        population[:users] if users else population
+    )
+    result.population.save(out / "population")
+    modes = ("steerx", "baseline") if mode == "both" else (mode,)
+    records = []
+    for user_id, fitted in result.users.items():
+        files = {
+            m: getattr(fitted, m).save(out / f"{safe_name(user_id)}.{m}.safetensors").name
+            for m in modes
+        }
+        records.append(
+            {
+                "user_id": user_id,
+                "vectors": files,
+                "description": fitted.description,
+                "top_spans": [
+                    {"text": s.text, "score": s.score, "count": s.count}
+                    for s in fitted.attribution.spans[:10]
+                ],
+            }
+        )
+    summary = {
+        "config": {"data": data, "backend": backend, **vars(config)},
+        "users": records,
+        "failures": result.failures,
+    }
+    write_text(out / "fit.json", json.dumps(summary, indent=2, default=str))
+    console.print(f"wrote {len(records)} users' vectors and {out / 'fit.json'}")
+    for user_id, why in result.failures.items():
+        console.print(f"[yellow]skipped {user_id}: {why}[/yellow]")
+
+
+@app.command()
+def generate(
+    vector: Annotated[Path, typer.Option(help="a vector file written by `steerx fit`")],
+    prompt: Annotated[str, typer.Option(help="the user message")],
+    alpha: Annotated[float | None, typer.Option(help="strength (default: the vector's)")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 60,
+    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+) -> None:
+    """Print a steered completion of PROMPT."""
+    from steerx_lens.data import build_prompt
+    from steerx_lens.vectors import SteeringVector
+
+    model = load_model(backend, tiny)
+    steering = SteeringVector.load(vector, model=model)
+    text = build_prompt(get_adapter(model).tokenizer, prompt)
+    out = hooks.generate(model, [text], steering.to_steer(alpha), max_new_tokens=max_new_tokens)
+    typer.echo(out.texts[0].strip())
+
+
+@app.command(name="eval")
+def evaluate(
+    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "health_tweets",
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/eval"),
+    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
+    backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
+    layer: Annotated[int, typer.Option(help="layer whose resid_post is steered")] = 12,
+    alpha: Annotated[float, typer.Option(help="steering strength")] = 1.0,
+    r: Annotated[float | None, typer.Option(help="strength of SteerX's personal part")] = None,
+    best: Annotated[Path | None, typer.Option(help="best.json from `steerx sweep`")] = None,
+    generations: Annotated[bool, typer.Option(help="also score greedy generations")] = True,
+    max_new_tokens: Annotated[int, typer.Option()] = 40,
+    describer: Annotated[str, typer.Option(help="template | llm")] = "llm",
+    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+) -> None:
+    """The SteerX experiment: fit, evaluate every method on held-out text, write the report."""
+    from steerx_lens.data import load_users
+    from steerx_lens.experiment import Experiment
+
+    chosen = read_best(best)
+    config = pipeline_config(
+        chosen.get("layer", layer),
+        chosen.get("alpha", alpha),
+        backbone,
+        describer,
+        chosen.get("r", r),
+    )
+    population = load_users(data, n_users=users)
+    model = load_model(backend, tiny)
+    info = {"data": data, "backend": backend, "model": "tiny" if tiny else "SmolLM2-135M-Instruct"}
+    metrics = Experiment(model, population, out, config, generations, max_new_tokens, info).run()
+    table = Table(title=f"held-out NLL ({len(metrics['per_user'])} users)")
+    for column in ("method", "nll", "nll_pref"):
+        table.add_column(column)
+    for method, values in metrics["methods"].items():
+        table.add_row(
+            method,
+            *(
+                f"{values.get(k):.4f}" if values.get(k) is not None else "–"
+                for k in ("nll", "nll_pref")
+            ),
+        )
+    Console().print(table)
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
 @app.command()
 def info() -> None:
     """Print versions of the stack steerx_lens runs on."""

@@ -55,7 +55,7 @@ class EncodedText:
         )
 
 
-def _left_padded(texts: Sequence[EncodedText], pad_id: int) -> tuple[dict[str, Tensor], Tensor]:
+def left_padded_batch(texts: Sequence[EncodedText], pad_id: int) -> tuple[dict[str, Tensor], Tensor]:
     """A left-padded batch and the mask of response positions."""
     width = max(len(text.input_ids) for text in texts)
     ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
@@ -84,7 +84,7 @@ def pooled_activations(
     pooled: dict[int, Tensor] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        inputs, response = _left_padded([texts[i] for i in chunk], adapter.pad_token_id)
+        inputs, response = left_padded_batch([texts[i] for i in chunk], adapter.pad_token_id)
         _, acts = hooks.cache(model, inputs, [site])
         act = acts[site].float().cpu()
         if pool == "last":
@@ -137,7 +137,7 @@ def residual_norm(
     adapter = get_adapter(model)
     norms = []
     for start in range(0, len(texts), batch_size):
-        inputs, response = _left_padded(texts[start : start + batch_size], adapter.pad_token_id)
+        inputs, response = left_padded_batch(texts[start : start + batch_size], adapter.pad_token_id)
         _, acts = hooks.cache(model, inputs, [site])
         norms.append(acts[site].float().norm(dim=-1)[response.to(acts[site].device)].cpu())
     return float(torch.cat(norms).median())
