@@ -1,0 +1,1 @@
+"""Backbone steering methods: how a steering vector is computed from data."""
