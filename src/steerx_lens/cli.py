@@ -307,6 +307,41 @@ def evaluate(
 
 
 @app.command()
+def sweep(
+    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "health_tweets",
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/sweep"),
+    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
+    layers: Annotated[str, typer.Option(help="start:stop:step or a comma list")] = "4:24:4",
+    alphas: Annotated[str, typer.Option(help="comma list of strengths")] = "0.5,1,2",
+    rs: Annotated[
+        str, typer.Option(help="comma list of SteerX personal strengths r")
+    ] = "0.05,0.1,0.15,0.2",
+    n_validation: Annotated[int, typer.Option(help="validation items per user")] = 2,
+    backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
+    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+) -> None:
+    """Layer × alpha (× r) sweep on validation items; writes best.json for `steerx eval`."""
+    from steerx_lens.data import load_users
+    from steerx_lens.sweep import parse_layers, run_sweep
+
+    model = load_model(backend, tiny)
+    first_layer = parse_layers(layers)[0]
+    config = pipeline_config(first_layer, 1.0, backbone, "template")
+    result = run_sweep(
+        model,
+        load_users(data, n_users=users),
+        parse_layers(layers),
+        [float(a) for a in alphas.split(",")],
+        out,
+        config,
+        rs=[float(r) for r in rs.split(",")],
+        n_validation=n_validation,
+    )
+    console.print(f"best on validation: {result['best']}; wrote {out / 'best.json'}")
+
+
+@app.command()
 def info() -> None:
     """Print versions of the stack steerx_lens runs on."""
     from importlib.metadata import version

@@ -73,7 +73,7 @@ class SteerXConfig:
     answer_tokens: int = 48
     alpha: float = 1.0
     swap_threshold: float = 2.0
-    r: float = 0.075
+    r: float = 0.15
     k_counterfactual: int = DEFAULT_K_COUNTERFACTUAL
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
     batch_size: int = 8
@@ -96,6 +96,19 @@ class UserSteering:
     baseline: SteeringVector
     steerx: SteeringVector
     n_swapped_tokens: int
+    personal_direction: Tensor | None = None
+
+    def steerx_at(
+        self, shared: SteeringVector, alpha: float, r: float, norm: float
+    ) -> SteeringVector:
+        """The SteerX vector for another ``alpha`` / ``r``: ``alpha·shared + r·‖h‖·v̂_mp``."""
+        personal = (
+            torch.zeros_like(shared.vector)
+            if self.personal_direction is None
+            else self.personal_direction
+        )
+        vector = shared.vector + (r * norm / alpha) * personal
+        return replace(self.steerx, vector=vector, alpha=alpha, extra={**self.steerx.extra, "r": r})
 
     @property
     def description(self) -> str | None:
@@ -158,6 +171,7 @@ class SteerX:
         self.sae = sae
         self.progress = progress
         self._answers: dict[str, str] = {}
+        self._attributions: dict[tuple[str, tuple[str, ...]], UserAttribution] = {}
 
     # ------------------------------------------------------------------ sequences
     def encode(self, item: HistoryItem) -> EncodedText:
@@ -310,15 +324,18 @@ class SteerX:
 
     def steerx_vector(
         self, user: UserHistory, attribution: UserAttribution, population: Population
-    ) -> tuple[SteeringVector, int]:
-        """Shared vector + the user's scaled minimal-pair component (see the module docstring)."""
+    ) -> tuple[SteeringVector, int, Tensor | None]:
+        """Shared vector + the user's scaled minimal-pair component (see the module docstring).
+
+        Returns the vector, the number of swapped tokens and the unit personal direction.
+        """
         originals, twins, encoded, encoded_twins, n_swapped = self.minimal_pairs(
             user, attribution.items
         )
         shared = population.shared.vector
         if not encoded:
             vector = self._vector(shared, "steerx", user.user_id, fallback=True, r=self.config.r)
-            return vector, 0
+            return vector, 0, None
         if self.config.backbone == "mean_diff":
             component = minimal_pair_vector(
                 self.model,
@@ -330,10 +347,8 @@ class SteerX:
             )
         else:
             component = self.contrast(originals, twins)
-        scale = (
-            self.config.r * population.residual_norm / (self.config.alpha * float(component.norm()))
-        )
-        raw = shared + scale * component
+        direction = component / component.norm()
+        raw = shared + (self.config.r * population.residual_norm / self.config.alpha) * direction
         vector = self._vector(
             raw,
             "steerx",
@@ -343,10 +358,14 @@ class SteerX:
             n_pairs=len(encoded),
             n_swapped_tokens=n_swapped,
         )
-        return vector, n_swapped
+        return vector, n_swapped, direction.detach().float().cpu()
 
     # ------------------------------------------------------------------ users
     def attribute(self, user: UserHistory, population: Population) -> UserAttribution:
+        """Stage 1-3 for one user (memoised per user: attribution does not depend on the layer)."""
+        key = (user.user_id, tuple(item.output for item in user.history))
+        if key in self._attributions:
+            return self._attributions[key]
         attribution = attribute_user(
             self.model,
             user,
@@ -359,7 +378,8 @@ class SteerX:
         describer = (
             LLMDescriber(self.model) if self.config.describer == "llm" else TemplateDescriber()
         )
-        return describe(attribution, describer)
+        self._attributions[key] = describe(attribution, describer)
+        return self._attributions[key]
 
     def fit(self, user: UserHistory, population: Population | None = None) -> UserSteering:
         """Attribution, description, baseline and SteerX vectors of one user."""
@@ -371,7 +391,7 @@ class SteerX:
             )
         attribution = self.attribute(user, population)
         baseline = population.baselines.get(user.user_id) or self.baseline_vector(user)
-        steerx, n_swapped = self.steerx_vector(user, attribution, population)
+        steerx, n_swapped, direction = self.steerx_vector(user, attribution, population)
         description = attribution.description
         return UserSteering(
             user.user_id,
@@ -379,6 +399,7 @@ class SteerX:
             replace(baseline, description=description),
             replace(steerx, description=description),
             n_swapped,
+            direction,
         )
 
     def fit_many(self, users: Sequence[UserHistory]) -> FitResult:
