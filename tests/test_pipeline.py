@@ -61,9 +61,29 @@ def test_vectors_are_bit_identical_with_a_fixed_seed(
         assert torch.equal(user_fit.steerx.vector, second.users[user_id].steerx.vector)
 
 
-@pytest.mark.parametrize("backbone", ["bipo"])
-def test_other_backbones_run_in_both_modes(tiny: Any, users: list, backbone: str) -> None:
-    result = quick(tiny, backbone=backbone).fit_many(users)
+@pytest.mark.parametrize("backbone", ["bipo", "sae"])
+def test_other_backbones_run_in_both_modes(
+    tiny: Any, users: list, backbone: str, tmp_path: Path
+) -> None:
+    sae = None
+    if backbone == "sae":
+        from steerx_lens.backbones.sae import train_demo_sae
+
+        tl = load_tiny_model("transformer_lens")
+        corpus = [f"{i.input} {i.output}" for u in users for i in u.history] * 8
+        sae = train_demo_sae(
+            1,
+            d_sae=128,
+            n_tokens=4096,
+            context_size=32,
+            batch_tokens=128,
+            model=tl,
+            corpus=corpus,
+            cache=tmp_path,
+        )
+    pipeline = quick(tiny, backbone=backbone)
+    pipeline.sae = sae
+    result = pipeline.fit_many(users)
     fitted = result.users[users[0].user_id]
     assert fitted.baseline.backbone == backbone and fitted.steerx.backbone == backbone
     assert torch.isfinite(fitted.baseline.vector).all() and fitted.baseline.norm() > 0
