@@ -3,7 +3,7 @@
 
 demo:
 	./scripts/bootstrap.sh
-	HF_HUB_OFFLINE=1 .venv/bin/steerx demo --out runs/demo
+	HF_HUB_OFFLINE=1 .venv/bin/steerx eval --data health_tweets --users 6 --out runs/demo
 
 test:
 	./scripts/bootstrap.sh
