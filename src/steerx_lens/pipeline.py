@@ -255,10 +255,12 @@ class SteerX:
         return vector
 
     def _sae(self) -> Any:
-        if self.sae is None:
-            from steerx_lens.backbones.sae import train_demo_sae
+        """The SAE for ``backbone="sae"``: the one given, or the cached demo SAE at this site."""
+        from steerx_lens.backbones.sae import check_sae_fits, train_demo_sae
 
-            self.sae = train_demo_sae(self.config.layer, site=self.config.site, model=None)
+        if self.sae is None:
+            self.sae = train_demo_sae(self.config.layer, site=self.config.site)
+        check_sae_fits(self.sae, self.model, self.config.site)
         return self.sae
 
     def baseline_vector(self, user: UserHistory) -> SteeringVector:
