@@ -273,9 +273,14 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option()] = 40,
     describer: Annotated[str, typer.Option(help="template | llm")] = "llm",
     backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    max_history: Annotated[
+        int | None, typer.Option(help="keep each user's last N history items")
+    ] = None,
     tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
 ) -> None:
     """The SteerX experiment: fit, evaluate every method on held-out text, write the report."""
+    from dataclasses import replace
+
     from steerx_lens.data import load_users
     from steerx_lens.experiment import Experiment
 
@@ -288,8 +293,15 @@ def evaluate(
         chosen.get("r", r),
     )
     population = load_users(data, n_users=users)
+    if max_history:
+        population = [replace(u, history=u.history[-max_history:]) for u in population]
     model = load_model(backend, tiny)
-    info = {"data": data, "backend": backend, "model": "tiny" if tiny else "SmolLM2-135M-Instruct"}
+    info = {
+        "data": data,
+        "backend": backend,
+        "model": "tiny" if tiny else "SmolLM2-135M-Instruct",
+        "max_history": max_history,
+    }
     metrics = Experiment(model, population, out, config, generations, max_new_tokens, info).run()
     table = Table(title=f"held-out NLL ({len(metrics['per_user'])} users)")
     for column in ("method", "nll", "nll_pref"):
