@@ -192,10 +192,12 @@ class ItemSequence:
 
     @property
     def context_len(self) -> int:
+        """Number of history-block (context) positions."""
         return self.context_stop - self.context_start
 
     @property
     def response_ids(self) -> list[int]:
+        """Token ids of the response (the user's own text)."""
         return self.input_ids[self.response_start :]
 
     def with_context(self, context_ids: Sequence[int]) -> list[int]:

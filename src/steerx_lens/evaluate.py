@@ -150,6 +150,7 @@ class PairedStats:
     n_positive: int
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON form written to ``metrics.json`` (``ci95`` = ``[low, high]``)."""
         return {
             "mean": self.mean,
             "ci95": [self.ci_low, self.ci_high],

@@ -91,6 +91,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ per user
     def user_file(self, user_id: str) -> Path:
+        """Where one user's finished record is written: ``DIR/users/<safe user id>.json``."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user_id)
         return self.out / "users" / f"{safe}.json"
 

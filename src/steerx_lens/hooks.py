@@ -78,6 +78,7 @@ class HookContext:
 
     @property
     def device(self) -> torch.device:
+        """Device of the attention mask (the activations' device)."""
         return self.attention_mask.device
 
     def select(self, positions: Positions) -> Bool[Tensor, "batch pos"]:
@@ -179,6 +180,7 @@ class Steer:
 
     @property
     def width(self) -> int:
+        """Width of the vector, checked against the site's d_model."""
         return self.vector.shape[-1]
 
     def __call__(
@@ -210,6 +212,7 @@ class Patch:
 
     @property
     def width(self) -> int:
+        """Width of the source activations, checked against the site's d_model."""
         return self.source.shape[-1]
 
     def __call__(
@@ -259,6 +262,7 @@ class Ablate:
 
     @property
     def width(self) -> int | None:
+        """Width of the mean activations (None for zero-ablation: nothing to check)."""
         return None if self.mean is None else self.mean.shape[-1]
 
     def __call__(
@@ -391,6 +395,7 @@ class Generation:
 
     @property
     def new_tokens(self) -> Int[Tensor, "batch new"]:
+        """The generated token ids only (prompt columns removed)."""
         return self.sequences[:, self.prompt_len :]
 
 
@@ -403,9 +408,10 @@ def generate(
 ) -> Generation:
     """Greedy decoding with the interventions applied at the prompt and every generated step.
 
-    Prompts are left-padded. Uses each backend's fastest KV-cached path (HF ``generate`` for HF
-    models and TransformerBridge, a KV-cached loop for HookedTransformer, nnsight's ``generate``
-    with per-step interventions). A row that emits EOS is padded afterwards.
+    Prompts are left-padded. Uses each backend's fastest exact path: HF ``generate`` for HF
+    models, a KV-cached loop for HookedTransformer, nnsight's ``generate`` with per-step
+    interventions, and a cache-free loop for TransformerBridge (TransformerLens 3.9's bridge
+    attention does not fill the HF KV cache). A row that emits EOS is padded afterwards.
     """
     from steerx_lens.backends import get_adapter
 

@@ -84,6 +84,7 @@ class SteerXConfig:
 
     @property
     def site(self) -> str:
+        """The canonical site name ``blocks.{layer}.{site_kind}``."""
         return f"blocks.{self.layer}.{self.site_kind}"
 
 
@@ -112,6 +113,7 @@ class UserSteering:
 
     @property
     def description(self) -> str | None:
+        """The user's natural-language preference description (stage 3)."""
         return self.attribution.description
 
 
@@ -127,6 +129,7 @@ class Population:
     baselines: dict[str, SteeringVector] = field(default_factory=dict)
 
     def save(self, folder: str | Path) -> Path:
+        """Write ``users.jsonl``, ``shared.safetensors`` and ``population.json`` into ``folder``."""
         folder = Path(folder)
         save_users(self.users, folder / "users.jsonl")
         self.shared.save(folder / "shared.safetensors")
@@ -135,6 +138,7 @@ class Population:
 
     @classmethod
     def load(cls, folder: str | Path, model: Any = None) -> Population:
+        """Read a folder written by :meth:`save`; with ``model``, check the shared vector's model."""
         folder = Path(folder)
         if not (folder / "population.json").exists():
             raise SteerXError(f"{folder} holds no saved population (population.json missing)")

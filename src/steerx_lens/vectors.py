@@ -37,6 +37,7 @@ class VectorFileError(SteerXError, ValueError):
 
 
 def library_version() -> str:
+    """The installed steerx-lens version (recorded in every vector file)."""
     try:
         return version("steerx-lens")
     except PackageNotFoundError:  # running from a source tree without installation
@@ -73,6 +74,7 @@ class SteeringVector:
     # ------------------------------------------------------------------ description
     @property
     def d_model(self) -> int:
+        """Width of the vector."""
         return int(self.vector.shape[0])
 
     @property
@@ -117,6 +119,7 @@ class SteeringVector:
         return self * -1.0
 
     def norm(self) -> float:
+        """Euclidean norm of the vector."""
         return float(self.vector.norm())
 
     def normalized(self) -> SteeringVector:
@@ -127,6 +130,7 @@ class SteeringVector:
         return self._with(self.vector / norm)
 
     def cosine(self, other: SteeringVector) -> float:
+        """Cosine similarity with a vector at the same site of the same model."""
         self._check_compatible(other)
         return float(torch.nn.functional.cosine_similarity(self.vector, other.vector, dim=0))
 
@@ -155,6 +159,8 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
+        """The JSON header stored under ``"steerx"``: every field but the tensor, plus
+        ``format_version``, ``d_model`` and ``dtype``."""
         data = asdict(self)
         data.pop("vector")
         data["format_version"] = FORMAT_VERSION

@@ -50,6 +50,7 @@ class EncodedText:
             )
 
     def with_response(self, response_ids: Sequence[int]) -> EncodedText:
+        """The same prompt with another response (e.g. the swapped twin of a minimal pair)."""
         return EncodedText(
             self.input_ids[: self.response_start] + list(response_ids), self.response_start
         )

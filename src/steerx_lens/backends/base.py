@@ -64,6 +64,7 @@ def parse_site(name: str, n_layers: int) -> Site | None:
 
 
 def unknown_site(name: str, n_layers: int) -> UnknownSiteError:
+    """The :class:`UnknownSiteError` for ``name``, listing the valid canonical site names."""
     return UnknownSiteError(
         f"unknown site {name!r}; use 'hook_embed' or 'blocks.{{l}}.<kind>' with l in "
         f"0..{n_layers - 1} and kind in {SITE_KINDS}"
@@ -126,17 +127,21 @@ class ModelAdapter(ABC):
     # ---------------------------------------------------------------- description
     @property
     @abstractmethod
-    def n_layers(self) -> int: ...
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
 
     @property
     @abstractmethod
-    def d_model(self) -> int: ...
+    def d_model(self) -> int:
+        """Width of the residual stream."""
 
     @abstractmethod
-    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]: ...
+    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
+        """The token embedding matrix (read for the model fingerprint and the device)."""
 
     @property
     def device(self) -> torch.device:
+        """Device of the model's weights; inputs are moved there."""
         return self.embedding_weight().device
 
     def fingerprint(self) -> str:
@@ -179,6 +184,7 @@ class ModelAdapter(ABC):
         return sorted(groups.items(), key=lambda item: self.site_order(item[0]))
 
     def site_order(self, name: str) -> tuple[int, int]:
+        """Execution-order key of a site: sites are visited (and edited) in this order."""
         return self.resolve(name).order
 
     # ---------------------------------------------------------------- inputs
@@ -214,6 +220,7 @@ class ModelAdapter(ABC):
 
     @property
     def pad_token_id(self) -> int:
+        """The tokenizer's pad id, or its EOS id when it has no pad token."""
         pad = self.tokenizer.pad_token_id
         return int(self.tokenizer.eos_token_id if pad is None else pad)
 
@@ -238,11 +245,13 @@ class ModelAdapter(ABC):
     @abstractmethod
     def generate(
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
-    ) -> Int[Tensor, "batch total"]: ...
+    ) -> Int[Tensor, "batch total"]:
+        """Greedy decoding with the interventions: prompt + ``max_new_tokens`` new ids per row."""
 
     def intervene_in_trace(
         self, interventions: Sequence[Intervention], ctx: HookContext | None
     ) -> None:
+        """Apply interventions inside the caller's nnsight trace (only the nnsight backend can)."""
         raise NotImplementedError(
             f"hooks.intervene is for nnsight traces; on a {self.name} model use hooks.apply"
         )

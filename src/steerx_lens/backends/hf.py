@@ -49,6 +49,7 @@ def find_layers_path(model: nn.Module) -> str:
 
 
 def find_child(layer: nn.Module, names: Sequence[str], what: str) -> str:
+    """The first of ``names`` that ``layer`` has as an attribute; :class:`BackendError` if none."""
     for name in names:
         if hasattr(layer, name):
             return name

@@ -214,8 +214,8 @@ class HookedTransformerAdapter(_TLAdapterBase):
 class BridgeAdapter(_TLAdapterBase):
     """Adapter for ``transformer_lens.model_bridge.TransformerBridge``.
 
-    The bridge runs the wrapped HF model, so the step context is tracked on the HF model and
-    generation uses HF ``generate`` with the bridge's hook points active (the fast path).
+    The bridge runs the wrapped HF model, so the step context is tracked on the HF model;
+    generation re-runs the whole sequence at each step (see :meth:`generate`).
     """
 
     name = "bridge"
