@@ -88,7 +88,7 @@ def plot_margins(metrics: dict[str, Any], path: Path) -> Path:
         range(len(users)), [u["user_id"] for u in users], rotation=45, ha="right", fontsize=7
     )
     axis.set_ylabel("NLL(other users' vectors) − NLL(own)")
-    axis.set_title("Personalization margin per user (positive = own vector fits better)")
+    axis.set_title("Personalization margin per user (> 0: own vector fits better)", fontsize=10)
     axis.legend()
     figure.tight_layout()
     _save_plot(figure, path)
