@@ -137,3 +137,12 @@ def test_sweep_never_touches_heldout_items(
 def test_parse_layers() -> None:
     assert parse_layers("4:24:4") == [4, 8, 12, 16, 20]
     assert parse_layers("8,12") == [8, 12]
+
+
+def test_preference_masks_shorter_than_the_item_cover_its_first_tokens() -> None:
+    from steerx_lens.experiment import _pooled_nll
+
+    nll = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert _pooled_nll([nll]) == 2.5
+    assert _pooled_nll([nll], [torch.tensor([False, True])]) == 2.0
+    assert _pooled_nll([nll], [torch.tensor([False, False])]) is None

@@ -48,9 +48,14 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _pooled_nll(nlls: Sequence[Any], masks: Sequence[Any] | None = None) -> float | None:
-    """Token-weighted mean NLL over a user's held-out items (optionally on masked tokens)."""
+    """Token-weighted mean NLL over a user's held-out items (optionally on masked tokens).
+
+    A mask may be shorter than its item: attribution truncates responses that do not fit
+    ``max_context_tokens``, so the mask covers the response's first tokens.
+    """
     values = [
-        nll if masks is None else nll[mask] for nll, mask in zip(nlls, masks or nlls, strict=True)
+        nll if masks is None else nll[: mask.numel()][mask]
+        for nll, mask in zip(nlls, masks or nlls, strict=True)
     ]
     count = sum(int(v.numel()) for v in values)
     return float(sum(float(v.sum()) for v in values) / count) if count else None
