@@ -224,24 +224,23 @@ class SteerX:
         )
 
     def contrast(
-        self,
-        chosen: Sequence[HistoryItem],
-        rejected: Sequence[HistoryItem],
-        weights: Sequence[Tensor] | None = None,
+        self, chosen: Sequence[HistoryItem], rejected: Sequence[HistoryItem]
     ) -> Float[Tensor, " d_model"]:
-        """The backbone's vector for chosen vs rejected texts of the same prompts."""
+        """The backbone's vector for chosen vs rejected texts of the same prompts.
+
+        In SteerX mode ``rejected`` are the minimal-pair twins, so for BiPO the preference
+        margin is carried only by the swapped (preference-driven) tokens.
+        """
         backbone = self.config.backbone
         if backbone == "bipo":
             from steerx_lens.backbones.bipo import BiPOConfig, PreferencePair, train_bipo
 
-            pairs = []
-            for index, (good, bad) in enumerate(zip(chosen, rejected, strict=True)):
-                prompt = build_prompt(self.adapter.tokenizer, good.input)
-                pairs.append(
-                    PreferencePair(
-                        prompt, good.output, bad.output, None if weights is None else weights[index]
-                    )
+            pairs = [
+                PreferencePair(
+                    build_prompt(self.adapter.tokenizer, good.input), good.output, bad.output
                 )
+                for good, bad in zip(chosen, rejected, strict=True)
+            ]
             config = BiPOConfig(steps=self.config.bipo_steps, seed=self.config.seed)
             return train_bipo(self.model, self.config.site, pairs, config, progress=False).vector
         vector = mean_diff_vector(
