@@ -732,7 +732,8 @@ def load_users(
         users = read_stackexchange(stackexchange_beer_path(), **options)
         for user in users:
             user.meta.update(
-                license="CC BY-SA 3.0", attribution="see ../shared/data/stackexchange_beer/README.md (one URL per answer id)"
+                license="CC BY-SA 3.0",
+                attribution="see ../shared/data/stackexchange_beer/README.md (one URL per answer id)",
             )
         return users[:n_users]
     path = Path(source)

@@ -56,7 +56,9 @@ class EncodedText:
         )
 
 
-def left_padded_batch(texts: Sequence[EncodedText], pad_id: int) -> tuple[dict[str, Tensor], Tensor]:
+def left_padded_batch(
+    texts: Sequence[EncodedText], pad_id: int
+) -> tuple[dict[str, Tensor], Tensor]:
     """A left-padded batch and the mask of response positions."""
     width = max(len(text.input_ids) for text in texts)
     ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
@@ -138,7 +140,9 @@ def residual_norm(
     adapter = get_adapter(model)
     norms = []
     for start in range(0, len(texts), batch_size):
-        inputs, response = left_padded_batch(texts[start : start + batch_size], adapter.pad_token_id)
+        inputs, response = left_padded_batch(
+            texts[start : start + batch_size], adapter.pad_token_id
+        )
         _, acts = hooks.cache(model, inputs, [site])
         norms.append(acts[site].float().norm(dim=-1)[response.to(acts[site].device)].cpu())
     return float(torch.cat(norms).median())
