@@ -270,6 +270,22 @@ def finish_after_eos(
     return torch.where(after, torch.full_like(new_tokens, pad_id), new_tokens)
 
 
+def greedy_generate_kwargs(
+    generation_config: Any, tokenizer: Any, pad_id: int, max_new_tokens: int
+) -> dict[str, Any]:
+    """HF ``generate`` keyword arguments for plain greedy decoding (sampling knobs cleared)."""
+    eos = sorted(eos_token_ids(generation_config, tokenizer))
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "eos_token_id": eos or None,
+        "pad_token_id": pad_id,
+    }
+
+
 def eos_token_ids(model_config: Any, tokenizer: Any) -> set[int]:
     """EOS ids from the generation config / model config / tokenizer."""
     ids: set[int] = set()

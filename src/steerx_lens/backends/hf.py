@@ -17,7 +17,7 @@ from steerx_lens.backends.base import (
     Batch,
     ModelAdapter,
     StepTracker,
-    eos_token_ids,
+    greedy_generate_kwargs,
     pad_to_length,
 )
 from steerx_lens.errors import BackendError
@@ -193,17 +193,11 @@ def hf_generate(
     max_new_tokens: int,
 ) -> Int[Tensor, "batch total"]:
     """Greedy HF ``generate`` with the adapter's hooks active; always ``max_new_tokens`` long."""
-    eos = sorted(eos_token_ids(hf_model.generation_config, adapter.tokenizer))
+    options = greedy_generate_kwargs(
+        hf_model.generation_config, adapter.tokenizer, adapter.pad_token_id, max_new_tokens
+    )
     with adapter.apply(interventions), torch.no_grad():
         out = hf_model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=eos or None,
-            pad_token_id=adapter.pad_token_id,
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, **options
         )
     return pad_to_length(out, batch.input_ids.shape[1] + max_new_tokens, adapter.pad_token_id)

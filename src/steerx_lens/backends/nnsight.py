@@ -21,8 +21,8 @@ from torch import Tensor
 from steerx_lens.backends.base import (
     Batch,
     ModelAdapter,
-    eos_token_ids,
     finish_after_eos,
+    greedy_generate_kwargs,
     pad_to_length,
 )
 from steerx_lens.backends.hf import ATTN_NAMES, _get_path, find_child, find_layers_path
@@ -141,7 +141,9 @@ class NNsightAdapter(ModelAdapter):
         self.validate(interventions)
         mask = batch.attention_mask.bool()
         prompt_len = batch.input_ids.shape[1]
-        eos = sorted(eos_token_ids(self.hf_model.generation_config, self.tokenizer))
+        options = greedy_generate_kwargs(
+            self.hf_model.generation_config, self.tokenizer, self.pad_token_id, max_new_tokens
+        )
         step = {"index": 0}
 
         def context(_act: Tensor) -> HookContext:
@@ -154,16 +156,7 @@ class NNsightAdapter(ModelAdapter):
         with (
             torch.no_grad(),
             warnings.catch_warnings(),
-            self.model.generate(
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=eos or None,
-                pad_token_id=self.pad_token_id,
-                remote=self.remote,
-            ) as tracer,
+            self.model.generate(**options, remote=self.remote) as tracer,
         ):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with tracer.invoke(self._inputs(batch)):
@@ -177,7 +170,8 @@ class NNsightAdapter(ModelAdapter):
                 sequences = tracer.result.save()
         total = prompt_len + max_new_tokens
         sequences = pad_to_length(sequences, total, self.pad_token_id)
-        generated = finish_after_eos(sequences[:, prompt_len:], set(eos), self.pad_token_id)
+        eos = set(options["eos_token_id"] or ())
+        generated = finish_after_eos(sequences[:, prompt_len:], eos, self.pad_token_id)
         return torch.cat([sequences[:, :prompt_len], generated], dim=1)
 
 
