@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from steerx_lens import hooks
-from steerx_lens.atomic import write_text
+from steerx_lens.atomic import safe_filename, write_text
 from steerx_lens.backends import get_adapter
 from steerx_lens.models import BACKENDS, load_demo_model, load_tiny_model
 
@@ -112,11 +112,6 @@ def load_model(backend: str, tiny: bool) -> Any:
     return load_tiny_model(backend) if tiny else load_demo_model(backend)  # type: ignore[arg-type]
 
 
-def safe_name(user_id: str) -> str:
-    """A file-name-safe version of a user id."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in user_id)
-
-
 @app.command()
 def attribute(
     data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "synthetic",
@@ -143,7 +138,7 @@ def attribute(
     records = []
     for user in tqdm(chosen, desc="attributing users"):
         result = describe(attribute_user(model, user, population, method=method), writer)
-        html_name = f"{safe_name(user.user_id)}.html"
+        html_name = f"{safe_filename(user.user_id)}.html"
         save_attribution_html(result, out / html_name)
         record: dict[str, Any] = {
             "user_id": user.user_id,
@@ -154,7 +149,7 @@ def attribute(
         if layer_map:
             first = layer_effects(model, user, population)[0]
             record["layer_map"] = save_layer_heatmap(
-                first, out / f"{safe_name(user.user_id)}-layers.png"
+                first, out / f"{safe_filename(user.user_id)}-layers.png"
             ).name
         records.append(record)
     config = {"data": data, "method": method, "describer": describer, "backend": backend}
@@ -214,7 +209,7 @@ def fit(
     records = []
     for user_id, fitted in result.users.items():
         files = {
-            m: getattr(fitted, m).save(out / f"{safe_name(user_id)}.{m}.safetensors").name
+            m: getattr(fitted, m).save(out / f"{safe_filename(user_id)}.{m}.safetensors").name
             for m in modes
         }
         records.append(

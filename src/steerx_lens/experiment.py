@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steerx_lens import hooks
-from steerx_lens.atomic import write_text
+from steerx_lens.atomic import safe_filename, write_text
 from steerx_lens.attribution import history_block
 from steerx_lens.data import HistoryItem, UserHistory, build_prompt
 from steerx_lens.evaluate import (
@@ -97,8 +97,7 @@ class Experiment:
     # ------------------------------------------------------------------ per user
     def user_file(self, user_id: str) -> Path:
         """Where one user's finished record is written: ``DIR/users/<safe user id>.json``."""
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user_id)
-        return self.out / "users" / f"{safe}.json"
+        return self.out / "users" / f"{safe_filename(user_id)}.json"
 
     def _finished(self, user_id: str) -> dict[str, Any] | None:
         path = self.user_file(user_id)

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from steerx_lens.atomic import write_bytes, write_text
+from steerx_lens.atomic import safe_filename, write_bytes, write_text
 
 METHOD_NOTES = {
     "none": "no steering",
@@ -154,7 +154,7 @@ def write_report(metrics: dict[str, Any], out: str | Path) -> Path:
     lines += ["", "![Personalization margin per user](margins.png)", "", "## Users", ""]
     for user in metrics["per_user"]:
         spans = ", ".join(f"“{s['text'].strip()}”" for s in user["top_spans"][:6]) or "none"
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in user["user_id"])
+        name = safe_filename(user["user_id"])
         lines += [
             f"### {user['user_id']}",
             "",
