@@ -153,21 +153,21 @@ class NNsightAdapter(ModelAdapter):
             ones = torch.ones(mask.shape[0], k, dtype=torch.bool, device=mask.device)
             return HookContext(torch.cat([mask, ones], dim=1), 1, prompt_len)
 
-        with (
-            torch.no_grad(),
-            warnings.catch_warnings(),
-            self.model.generate(**options, remote=self.remote) as tracer,
-        ):
+        inputs = self._inputs(batch)
+        # The loop over steps is bounded: if every row stops at EOS early, nnsight cuts it short
+        # and skips what follows in the same invoke, hence the result in its own invoke. (No
+        # comments inside the traced block: nnsight's remote serialization drops them, which
+        # shifts the line numbers its nested tracers look up.)
+        with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with tracer.invoke(self._inputs(batch)):
-                if interventions:
-                    # Bounded loop: if every row stops at EOS early, nnsight cuts it short and
-                    # skips what follows in the same invoke, hence the result in its own invoke.
-                    for _ in tracer.iter[:max_new_tokens]:
-                        self._edit(interventions, context)
-                        step["index"] += 1
-            with tracer.invoke():
-                sequences = tracer.result.save()
+            with self.model.generate(**options, remote=self.remote) as tracer:
+                with tracer.invoke(inputs):
+                    if interventions:
+                        for _ in tracer.iter[:max_new_tokens]:
+                            self._edit(interventions, context)
+                            step["index"] += 1
+                with tracer.invoke():
+                    sequences = tracer.result.save()
         total = prompt_len + max_new_tokens
         sequences = pad_to_length(sequences, total, self.pad_token_id)
         eos = set(options["eos_token_id"] or ())
