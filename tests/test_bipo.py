@@ -199,7 +199,7 @@ def test_errors_are_clear(tiny: Any) -> None:
         BiPOConfig(steps=0)
 
 
-@pytest.mark.parametrize("backend", ["transformer_lens", "bridge"])
+@pytest.mark.parametrize("backend", ["transformer_lens", "bridge", "nnsight"])
 def test_other_grad_backends_learn_the_same_vector(backend: str) -> None:
     config = BiPOConfig(steps=3)
     reference = train_bipo(load_tiny_model("hf"), SITE, make_pairs(), config, progress=False)
@@ -209,9 +209,10 @@ def test_other_grad_backends_learn_the_same_vector(backend: str) -> None:
     assert result.losses == pytest.approx(reference.losses, abs=1e-4)
 
 
-def test_nnsight_backend_raises_backend_error() -> None:
+def test_remote_nnsight_training_raises_backend_error() -> None:
     model = load_tiny_model("nnsight")
-    with pytest.raises(BackendError, match="gradients"):
+    get_adapter(model, remote="local")
+    with pytest.raises(BackendError, match="gradients cannot flow back from a remote run"):
         train_bipo(model, SITE, make_pairs()[:1], BiPOConfig(steps=1), progress=False)
 
 

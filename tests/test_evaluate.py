@@ -114,18 +114,15 @@ def test_sweep_never_touches_heldout_items(
     heldout_texts = {item.output for user in users for item in user.heldout}
     tokenizer = get_adapter(tiny).tokenizer
     seen: list[str] = []
-    original_run = hooks.run
+    adapter_class = type(get_adapter(tiny))
+    original_encode = adapter_class.encode
 
-    def spying_run(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        ids = (
-            inputs["input_ids"]
-            if isinstance(inputs, dict)
-            else get_adapter(model).encode(inputs).input_ids
-        )
-        seen.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
-        return original_run(model, inputs, *args, **kwargs)
+    def spying_encode(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        batch = original_encode(self, inputs, *args, **kwargs)  # every model call encodes
+        seen.extend(tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True))
+        return batch
 
-    monkeypatch.setattr(hooks, "run", spying_run)
+    monkeypatch.setattr(adapter_class, "encode", spying_encode)
     result = run_sweep(tiny, users, [0, 1], [1.0], tmp_path, CONFIG, rs=(0.1,), progress=False)
     assert seen, "the spy saw no forward passes"
     assert not any(text in s for text in heldout_texts for s in seen)

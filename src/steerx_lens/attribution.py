@@ -456,18 +456,14 @@ class Scores(NamedTuple):
     top: Int[Tensor, " n_response"]
 
 
-def _response_logprobs(
-    logits: Float[Tensor, "batch pos vocab"], rows: Sequence[_Row]
-) -> list[Scores]:
+def _response_scores(scores: hooks.TokenScores, rows: Sequence[_Row]) -> list[Scores]:
     """Scores of each row's response tokens (position ``p`` is predicted at ``p - 1``)."""
-    width = logits.shape[1]
+    width = scores.logp.shape[1] + 1
     out = []
     for b, row in enumerate(rows):
         offset = width - len(row.ids)
         start, stop = offset + row.response_start - 1, offset + len(row.ids) - 1
-        targets = torch.tensor(row.ids[row.response_start :], device=logits.device)
-        logp = logits[b, start:stop].float().log_softmax(dim=-1)
-        out.append(Scores(logp.gather(-1, targets[:, None])[:, 0].cpu(), logp.argmax(-1).cpu()))
+        out.append(Scores(scores.logp[b, start:stop].cpu(), scores.top[b, start:stop].cpu()))
     return out
 
 
@@ -489,9 +485,8 @@ class _Scorer:
         for chunk in _chunks(rows, self.batch_size):
             batch_rows = [rows[i] for i in chunk]
             inputs = _padded(batch_rows, self.adapter.pad_token_id)
-            with torch.no_grad():
-                logits = hooks.run(self.model, inputs, tokenizer=self.adapter.tokenizer)
-            for i, logp in zip(chunk, _response_logprobs(logits, batch_rows), strict=True):
+            scores = hooks.score_tokens(self.model, inputs, tokenizer=self.adapter.tokenizer)
+            for i, logp in zip(chunk, _response_scores(scores, batch_rows), strict=True):
                 out[i] = logp
         return out
 
@@ -511,20 +506,17 @@ class _Scorer:
             source = sources(chunk, inputs)
             for g, group in enumerate(site_groups):
                 patches = [hooks.Patch(site, source[site], positions=positions) for site in group]
-                with torch.no_grad():
-                    logits = hooks.run(
-                        self.model, inputs, *patches, tokenizer=self.adapter.tokenizer
-                    )
-                for i, logp in zip(chunk, _response_logprobs(logits, batch_rows), strict=True):
+                scores = hooks.score_tokens(
+                    self.model, inputs, *patches, tokenizer=self.adapter.tokenizer
+                )
+                for i, logp in zip(chunk, _response_scores(scores, batch_rows), strict=True):
                     out[g][i] = logp
         return out
 
     def activations(self, rows: Sequence[_Row], sites: Sequence[str]) -> dict[str, Tensor]:
         """Activations ``[batch, pos, d]`` at ``sites`` of ``rows`` run as one left-padded batch."""
         inputs = _padded(rows, self.adapter.pad_token_id)
-        with torch.no_grad():
-            _, acts = hooks.cache(self.model, inputs, list(sites), tokenizer=self.adapter.tokenizer)
-        return acts
+        return hooks.activations(self.model, inputs, list(sites), tokenizer=self.adapter.tokenizer)
 
 
 # --------------------------------------------------------------------------------------------

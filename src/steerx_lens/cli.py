@@ -42,7 +42,7 @@ def contrast_vector(model: Any, site: str) -> torch.Tensor:
 
     def mean_activation(texts: list[str]) -> torch.Tensor:
         batch = get_adapter(model).encode(texts)
-        _, acts = hooks.cache(model, batch, [site])
+        acts = hooks.activations(model, batch, [site])
         mask = batch.attention_mask.unsqueeze(-1).to(acts[site].dtype)
         return (acts[site] * mask).sum(dim=(0, 1)) / mask.sum()
 

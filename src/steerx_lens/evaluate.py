@@ -92,10 +92,7 @@ def token_nll(
             interventions.append(
                 hooks.Steer(reference.site, rows, 1.0, steer_mask, reference.model_fingerprint)
             )
-        logits = hooks.run(model, inputs, *interventions)
-        logp = logits[:, :-1].float().log_softmax(-1)
-        targets = inputs["input_ids"][:, 1:].to(logp.device)
-        nll = -logp.gather(-1, targets[..., None])[..., 0].cpu()
+        nll = -hooks.score_tokens(model, inputs, *interventions).logp.cpu()
         for row, index in enumerate(chunk):
             out[index] = nll[row][response[row, 1:]]
     return out

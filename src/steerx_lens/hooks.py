@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -61,6 +61,12 @@ class HookContext:
         """The context of a plain forward over ``n_tokens`` unpadded tokens."""
         mask = torch.ones(batch, n_tokens, dtype=torch.bool, device=device)
         return HookContext(mask, n_tokens, n_tokens)
+
+    def to(self, device: torch.device | str) -> HookContext:
+        """The same context with its mask on ``device`` (e.g. a remote activation's device)."""
+        if self.attention_mask.device == torch.device(device):
+            return self
+        return HookContext(self.attention_mask.to(device), self.n_current, self.prompt_len)
 
     @property
     def offset(self) -> int:
@@ -188,7 +194,7 @@ class Steer:
     ) -> Float[Tensor, "batch pos d"]:
         _check_width(self, act)
         vec = _rows(self.vector, act.shape[0], "Steer.vector").to(act.device, act.dtype)
-        chosen = ctx.select(self.positions).to(act.dtype).unsqueeze(-1)
+        chosen = ctx.to(act.device).select(self.positions).to(act.dtype).unsqueeze(-1)
         return act + self.alpha * chosen * vec.unsqueeze(1)
 
 
@@ -219,6 +225,7 @@ class Patch:
         self, act: Float[Tensor, "batch pos d"], ctx: HookContext
     ) -> Float[Tensor, "batch pos d"]:
         _check_width(self, act)
+        ctx = ctx.to(act.device)
         chosen = ctx.select(self.positions)
         source = self.source
         if source.shape[0] not in (1, act.shape[0]):
@@ -234,7 +241,9 @@ class Patch:
             )
         gathered = torch.zeros_like(act)
         gathered[:, inside] = (
-            source[:, absolute[inside]].to(act.device, act.dtype).expand(act.shape[0], -1, -1)
+            source[:, absolute[inside].to(source.device)]
+            .to(act.device, act.dtype)
+            .expand(act.shape[0], -1, -1)
         )
         return torch.where(chosen.unsqueeze(-1), gathered, act)
 
@@ -268,6 +277,7 @@ class Ablate:
     def __call__(
         self, act: Float[Tensor, "batch pos d"], ctx: HookContext
     ) -> Float[Tensor, "batch pos d"]:
+        ctx = ctx.to(act.device)
         chosen = ctx.select(self.positions).unsqueeze(-1)
         if self.mode == "zero":
             return torch.where(chosen, torch.zeros_like(act), act)
@@ -383,6 +393,60 @@ def cache(
         model, inputs, *interventions, *captures, tokenizer=tokenizer, padding_side=padding_side
     )
     return logits, store
+
+
+class TokenScores(NamedTuple):
+    """Per position ``p``: log p(token ``p + 1``) and the model's top-1 prediction (float32)."""
+
+    logp: Float[Tensor, "batch pos_minus_1"]
+    top: Int[Tensor, "batch pos_minus_1"]
+
+
+def next_token_scores(
+    logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
+) -> TokenScores:
+    """Reduce logits to :class:`TokenScores` (float32 log-softmax over the vocabulary)."""
+    logp = logits[:, :-1].float().log_softmax(dim=-1)
+    targets = input_ids[:, 1:].to(logp.device)
+    return TokenScores(logp.gather(-1, targets[..., None])[..., 0], logp.argmax(dim=-1))
+
+
+def score_tokens(
+    model: Any,
+    inputs: Inputs,
+    *interventions: Intervention,
+    tokenizer: Any = None,
+    padding_side: Literal["left", "right"] = "left",
+) -> TokenScores:
+    """Log-probs of the input's own next tokens and top-1 predictions, with the interventions.
+
+    Equals :func:`next_token_scores` of :func:`run`'s logits, but only ``[batch, pos - 1]``
+    values leave the model: on nnsight (local or remote) the reduction runs inside the trace.
+    """
+    from steerx_lens.backends import get_adapter
+
+    adapter = get_adapter(model, tokenizer=tokenizer)
+    batch = adapter.encode(inputs, padding_side=padding_side)
+    return adapter.score_next_tokens(batch, list(interventions))
+
+
+def activations(
+    model: Any,
+    inputs: Inputs,
+    sites: Sequence[str],
+    *interventions: Intervention,
+    tokenizer: Any = None,
+    padding_side: Literal["left", "right"] = "left",
+) -> dict[str, Float[Tensor, "batch pos d"]]:
+    """The activations at ``sites`` (after that site's interventions), without the logits.
+
+    On nnsight only the requested activations are saved (and, remotely, downloaded).
+    """
+    from steerx_lens.backends import get_adapter
+
+    adapter = get_adapter(model, tokenizer=tokenizer)
+    batch = adapter.encode(inputs, padding_side=padding_side)
+    return adapter.activations(batch, list(interventions), list(sites))
 
 
 @dataclass(frozen=True)

@@ -255,9 +255,8 @@ def _frozen(model: Any) -> Iterator[None]:
 
     Eval mode because dropout would make the objective noisy and draw from the global RNG.
     """
-    if not isinstance(model, nn.Module):  # nnsight: hooks.run(grad=True) raises on it
-        yield
-        return
+    if not isinstance(model, nn.Module):  # an nnsight envoy: freeze the model it wraps
+        model = model._module
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     training = [(m, m.training) for m in model.modules()]
     try:

@@ -88,7 +88,7 @@ def pooled_activations(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         inputs, response = left_padded_batch([texts[i] for i in chunk], adapter.pad_token_id)
-        _, acts = hooks.cache(model, inputs, [site])
+        acts = hooks.activations(model, inputs, [site])
         act = acts[site].float().cpu()
         if pool == "last":
             values = act[:, -1]
@@ -143,7 +143,7 @@ def residual_norm(
         inputs, response = left_padded_batch(
             texts[start : start + batch_size], adapter.pad_token_id
         )
-        _, acts = hooks.cache(model, inputs, [site])
+        acts = hooks.activations(model, inputs, [site])
         norms.append(acts[site].float().norm(dim=-1)[response.to(acts[site].device)].cpu())
     return float(torch.cat(norms).median())
 

@@ -600,7 +600,7 @@ def _site_activations(
             batch.input_ids[start : start + batch_size],
             batch.attention_mask[start : start + batch_size],
         )
-        _, store = hooks.cache(model, chunk, [site])
+        store = hooks.activations(model, chunk, [site])
         keep = chunk.attention_mask.bool().clone()
         if skip_first:
             first = keep.int().argmax(dim=1)

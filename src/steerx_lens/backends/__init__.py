@@ -25,15 +25,22 @@ def _default_tokenizer(model: Any) -> Any:
     return AutoTokenizer.from_pretrained(source)
 
 
-def get_adapter(model: Any, tokenizer: Any = None) -> ModelAdapter:
-    """Return the (cached) adapter for ``model``: HF, HookedTransformer, Bridge or nnsight."""
+def get_adapter(model: Any, tokenizer: Any = None, remote: Any = None) -> ModelAdapter:
+    """Return the (cached) adapter for ``model``: HF, HookedTransformer, Bridge or nnsight.
+
+    ``remote`` (nnsight models only) sets where every later call on ``model`` runs: ``True``
+    (NDIF), ``"local"`` (nnsight's offline simulation of the remote path), a host URL, or
+    ``False``; ``None`` keeps the current setting. See :mod:`steerx_lens.remote`.
+    """
     if isinstance(model, ModelAdapter):
-        return model
-    cached = _ADAPTERS.get(model)
-    if cached is not None and (tokenizer is None or tokenizer is cached.tokenizer):
-        return cached
-    adapter = _build_adapter(model, tokenizer)
-    _ADAPTERS[model] = adapter
+        adapter = model
+    else:
+        adapter = _ADAPTERS.get(model)
+        if adapter is None or (tokenizer is not None and tokenizer is not adapter.tokenizer):
+            adapter = _build_adapter(model, tokenizer)
+            _ADAPTERS[model] = adapter
+    if remote is not None:
+        adapter.set_remote(remote)
     return adapter
 
 

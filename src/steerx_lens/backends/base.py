@@ -19,8 +19,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from steerx_lens.errors import ModelMismatchError, UnknownSiteError, VectorShapeError
-from steerx_lens.hooks import HookContext, Intervention, Steer
+from steerx_lens.errors import BackendError, ModelMismatchError, UnknownSiteError, VectorShapeError
+from steerx_lens.hooks import (
+    Capture,
+    HookContext,
+    Intervention,
+    Steer,
+    TokenScores,
+    next_token_scores,
+)
 from steerx_lens.models import weights_digest
 
 SITE_KINDS: tuple[str, ...] = (
@@ -247,6 +254,28 @@ class ModelAdapter(ABC):
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
     ) -> Int[Tensor, "batch total"]:
         """Greedy decoding with the interventions: prompt + ``max_new_tokens`` new ids per row."""
+
+    def set_remote(self, remote: Any) -> None:
+        """Run later calls remotely (nnsight only; see :mod:`steerx_lens.remote`)."""
+        if remote:
+            raise BackendError(
+                f"remote execution needs an nnsight model, not a {self.name} model; load one "
+                "with steerx_lens.remote.load_remote_model or load_model_dir(..., 'nnsight')"
+            )
+
+    def score_next_tokens(self, batch: Batch, interventions: Sequence[Intervention]) -> TokenScores:
+        """:class:`TokenScores` of the batch's own tokens under the interventions."""
+        with torch.no_grad():
+            return next_token_scores(self.forward(batch, interventions), batch.input_ids)
+
+    def activations(
+        self, batch: Batch, interventions: Sequence[Intervention], sites: Sequence[str]
+    ) -> dict[str, Float[Tensor, "batch pos d"]]:
+        """Activations at ``sites`` (after that site's interventions) of one forward pass."""
+        store: dict[str, Tensor] = {}
+        with torch.no_grad():
+            self.forward(batch, [*interventions, *(Capture(site, store) for site in sites)])
+        return store
 
     def intervene_in_trace(
         self, interventions: Sequence[Intervention], ctx: HookContext | None

@@ -12,12 +12,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
+import nnsight
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steerx_lens import remote as remote_config
 from steerx_lens.backends.base import (
     Batch,
     ModelAdapter,
@@ -27,22 +29,35 @@ from steerx_lens.backends.base import (
 )
 from steerx_lens.backends.hf import ATTN_NAMES, _get_path, find_child, find_layers_path
 from steerx_lens.errors import BackendError
-from steerx_lens.hooks import HookContext, Intervention, compose
+from steerx_lens.hooks import Capture, HookContext, Intervention, TokenScores, next_token_scores
+from steerx_lens.models import weights_digest
+from steerx_lens.remote import RemoteMode
 
 
 class NNsightAdapter(ModelAdapter):
-    """Adapter for ``nnsight`` models wrapping a ``transformers`` causal LM."""
+    """Adapter for ``nnsight`` models wrapping a ``transformers`` causal LM, local or remote.
+
+    Each call is one trace (one remote request when ``remote`` is set) per batch, and only what
+    the call needs is saved: logits, :class:`~steerx_lens.hooks.TokenScores`, the requested
+    activations, or the generated ids.
+    """
 
     name = "nnsight"
 
-    def __init__(self, model: Any, tokenizer: Any, remote: bool | str = False) -> None:
+    def __init__(self, model: Any, tokenizer: Any, remote: Any = False) -> None:
         super().__init__(model, tokenizer)
-        self.remote = remote
         self.hf_model = model._module
         self.layers_path = find_layers_path(self.hf_model)
         self.attn_name = find_child(
             _get_path(self.hf_model, self.layers_path)[0], ATTN_NAMES, "attention"
         )
+        self.remote: RemoteMode = False
+        self._fingerprint: str | None = None
+        self.set_remote(remote)
+
+    def set_remote(self, remote: Any) -> None:
+        """Run later calls on NDIF (``True`` / a host URL), simulated (``"local"``), or here."""
+        self.remote = remote_config.prepare(self.model, remote)
 
     @property
     def n_layers(self) -> int:
@@ -55,6 +70,29 @@ class NNsightAdapter(ModelAdapter):
     def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
         return self.hf_model.get_input_embeddings().weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs are built: here (CPU) for remote runs, else the weights' device."""
+        if self.remote or self.embedding_weight().device.type == "meta":
+            return torch.device("cpu")
+        return self.embedding_weight().device
+
+    def fingerprint(self) -> str:
+        """As on every backend; remote weights (meta here) are read with one small trace."""
+        if self._fingerprint is None:
+            weight = self.embedding_weight()
+            if weight.device.type == "meta":
+                embed = _get_path(self.model, self._embed_path())
+                with (
+                    torch.no_grad(),
+                    remote_config.translated_errors(self.remote, "the model fingerprint"),
+                ):
+                    with self.model.trace(torch.zeros(1, 1, dtype=torch.long), remote=self.remote):
+                        rows = embed.weight[:32].save()
+                weight = rows
+            self._fingerprint = f"{self.n_layers}x{self.d_model}:{weights_digest(weight)}"
+        return self._fingerprint
+
     def _layer(self, index: int) -> Any:
         return _get_path(self.model, self.layers_path)[index]
 
@@ -63,18 +101,32 @@ class NNsightAdapter(ModelAdapter):
         self, interventions: Sequence[Intervention], ctx: HookContext | None
     ) -> None:
         self.validate(interventions)
-        self._edit(interventions, lambda act: ctx or HookContext.unpadded(*act.shape[:2]))
+        self._edit(interventions, lambda act: ctx or HookContext.unpadded(*act.shape[:2]), None)
 
     def _edit(
-        self, interventions: Sequence[Intervention], context: Callable[[Tensor], HookContext]
+        self,
+        interventions: Sequence[Intervention],
+        context: Callable[[Tensor], HookContext],
+        captured: dict[str, Tensor] | None,
     ) -> None:
-        """Read, edit and write every site in execution order (must run inside a trace)."""
+        """Read, edit and write every site in execution order (must run inside a trace).
+
+        With ``captured`` (a dict created and saved inside the trace) :class:`Capture` records
+        into it, so that the activations come back from a remote run too; without it, a
+        Capture records into its own store (local runs only).
+        """
         resid_pre: dict[int, Tensor] = {}
         for name, group in self.grouped(interventions):
             site = self.resolve(name)
 
             def edit(act: Tensor, group: list[Intervention] = group) -> Tensor:
-                return compose(group, act, context(act))
+                ctx = context(act).to(act.device)
+                for intervention in group:
+                    if captured is not None and isinstance(intervention, Capture):
+                        captured[intervention.site] = act.detach().clone()
+                    else:
+                        act = intervention(act, ctx)
+                return act
 
             if site.kind == "hook_embed":
                 envoy = _get_path(self.model, self._embed_path())
@@ -98,10 +150,14 @@ class NNsightAdapter(ModelAdapter):
                 )
 
     def _embed_path(self) -> str:
+        return self._module_path(self.hf_model.get_input_embeddings())
+
+    def _module_path(self, target: Any) -> str:
+        """The dotted path of a submodule of the HF model (as nnsight's envoys name it)."""
         for name, module in self.hf_model.named_modules():
-            if module is self.hf_model.get_input_embeddings():
+            if module is target:
                 return name
-        raise RuntimeError("input embedding module not found")
+        raise BackendError(f"module {type(target).__name__} not found in the model")
 
     # ---------------------------------------------------------------- running
     @contextmanager
@@ -116,29 +172,71 @@ class NNsightAdapter(ModelAdapter):
     def _inputs(self, batch: Batch) -> dict[str, Tensor]:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
-    def forward(
-        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
-    ) -> Float[Tensor, "batch pos vocab"]:
-        if grad:
-            raise BackendError(
-                "gradients through steerx_lens's nnsight path are not supported; train vectors "
-                "(e.g. BiPO) on the hf or transformer_lens backend and apply them here"
-            )
+    def _trace(
+        self,
+        batch: Batch,
+        interventions: Sequence[Intervention],
+        output: Literal["logits", "scores", "activations"],
+        grad: bool = False,
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """One trace over ``batch``: the requested output and the captured activations."""
         interventions = [*self.active, *interventions]
         self.validate(interventions)
+        if grad and self.remote:
+            raise BackendError(
+                "gradients cannot flow back from a remote run; train vectors (e.g. BiPO) on a "
+                "local model and apply them remotely"
+            )
         ctx = HookContext(
             batch.attention_mask.bool(), batch.input_ids.shape[1], batch.input_ids.shape[1]
         )
-        with torch.no_grad(), self.model.trace(self._inputs(batch), remote=self.remote):
-            self._edit(interventions, lambda _act: ctx)
-            logits = self.model.lm_head.output.save()
+        inputs = self._inputs(batch)
+        ids = batch.input_ids
+        unembed = _get_path(self.model, self._module_path(self.hf_model.get_output_embeddings()))
+        result = None
+        with (
+            torch.set_grad_enabled(grad),
+            remote_config.translated_errors(self.remote, f"a forward pass ({output})"),
+        ):
+            with self.model.trace(inputs, remote=self.remote):
+                captured = nnsight.save({})
+                self._edit(interventions, lambda _act: ctx, captured)
+                if output == "logits":
+                    result = unembed.output.save()
+                elif output == "scores":
+                    result = nnsight.save(next_token_scores(unembed.output, ids))
+        for intervention in interventions:
+            if isinstance(intervention, Capture):
+                intervention.store[intervention.site] = captured[intervention.site]
+        return result, captured
+
+    def forward(
+        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
+    ) -> Float[Tensor, "batch pos vocab"]:
+        logits, _ = self._trace(batch, interventions, "logits", grad=grad)
         return logits
+
+    def score_next_tokens(self, batch: Batch, interventions: Sequence[Intervention]) -> TokenScores:
+        scores, _ = self._trace(batch, interventions, "scores")
+        return TokenScores(*scores)
+
+    def activations(
+        self, batch: Batch, interventions: Sequence[Intervention], sites: Sequence[str]
+    ) -> dict[str, Float[Tensor, "batch pos d"]]:
+        store: dict[str, Tensor] = {}
+        self._trace(batch, [*interventions, *(Capture(site, store) for site in sites)], "none")
+        return store
 
     def generate(
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
     ) -> Int[Tensor, "batch total"]:
         interventions = [*self.active, *interventions]
         self.validate(interventions)
+        if self.remote and any(isinstance(i, Capture) for i in interventions):
+            raise BackendError(
+                "Capture during remote generation is not supported: generate first, then call "
+                "hooks.activations on the generated sequences"
+            )
         mask = batch.attention_mask.bool()
         prompt_len = batch.input_ids.shape[1]
         options = greedy_generate_kwargs(
@@ -158,16 +256,21 @@ class NNsightAdapter(ModelAdapter):
         # and skips what follows in the same invoke, hence the result in its own invoke. (No
         # comments inside the traced block: nnsight's remote serialization drops them, which
         # shifts the line numbers its nested tracers look up.)
-        with torch.no_grad(), warnings.catch_warnings():
+        with (
+            torch.no_grad(),
+            warnings.catch_warnings(),
+            remote_config.translated_errors(self.remote, "a generation"),
+        ):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with self.model.generate(**options, remote=self.remote) as tracer:
                 with tracer.invoke(inputs):
                     if interventions:
                         for _ in tracer.iter[:max_new_tokens]:
-                            self._edit(interventions, context)
+                            self._edit(interventions, context, None)
                             step["index"] += 1
                 with tracer.invoke():
                     sequences = tracer.result.save()
+        sequences = sequences.to(batch.input_ids.device)
         total = prompt_len + max_new_tokens
         sequences = pad_to_length(sequences, total, self.pad_token_id)
         eos = set(options["eos_token_id"] or ())
