@@ -14,8 +14,11 @@ from rich.table import Table
 from steerx_lens import hooks
 from steerx_lens.atomic import safe_filename, write_text
 from steerx_lens.backends import get_adapter
-from steerx_lens.models import BACKENDS, load_demo_model, load_tiny_model
+from steerx_lens.models import BACKENDS, load_demo_model, load_model_dir, load_tiny_model
 
+LAYER_HELP = "layer whose resid_post is steered (default: 40% of the depth, 12 on the demo model)"
+REMOTE_HELP = "off | local (nnsight's offline simulation of NDIF) | ndif (needs NDIF_API_KEY) | URL"
+MODEL_HELP = "a local model folder, or with --remote ndif a hub id (default: the demo model)"
 app = typer.Typer(help="SteerX: disentangled activation steering for LLM personalization.")
 console = Console(stderr=True)
 
@@ -105,11 +108,34 @@ def demo(
     console.print(f"wrote {out / 'demo.md'}")
 
 
-def load_model(backend: str, tiny: bool) -> Any:
-    """The demo model (or the tiny random model) on ``backend``, with a clear error."""
+def load_model(backend: str, tiny: bool, source: str | None = None, remote: str = "off") -> Any:
+    """The model to run: the demo model, the tiny one, a local folder, or an NDIF model.
+
+    ``remote`` is ``off``, ``local`` (nnsight's offline simulation of remote execution),
+    ``ndif`` or an http(s) host (the model then is the hub id given as ``source``).
+    """
     if backend not in BACKENDS:
         raise typer.BadParameter(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return load_tiny_model(backend) if tiny else load_demo_model(backend)  # type: ignore[arg-type]
+    is_host = remote.startswith(("http://", "https://"))
+    if remote not in ("off", "local", "ndif") and not is_host:
+        raise typer.BadParameter(f"--remote must be off, local, ndif or an http(s) host: {remote}")
+    if remote != "off" and backend != "nnsight":
+        raise typer.BadParameter("--remote runs through nnsight: add --backend nnsight")
+    if remote == "ndif" or is_host:
+        if source is None:
+            raise typer.BadParameter(f"--remote {remote} needs --model ORG/NAME (hosted on NDIF)")
+        from steerx_lens.remote import load_remote_model
+
+        return load_remote_model(source, remote=True if remote == "ndif" else remote)
+    if source is not None:
+        model = load_model_dir(source, backend)  # type: ignore[arg-type]
+    elif tiny:
+        model = load_tiny_model(backend)  # type: ignore[arg-type]
+    else:
+        model = load_demo_model(backend)  # type: ignore[arg-type]
+    if remote == "local":
+        get_adapter(model, remote="local")
+    return model
 
 
 @app.command()
@@ -121,6 +147,8 @@ def attribute(
     describer: Annotated[str, typer.Option(help="template | llm (the model itself)")] = "llm",
     layer_map: Annotated[bool, typer.Option(help="also draw a layers x tokens map")] = False,
     backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
+    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
     tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
 ) -> None:
     """Causal token attribution for each user: ranked spans, description, HTML views."""
@@ -133,7 +161,7 @@ def attribute(
 
     population = load_users(data)
     chosen = population[:users] if users else population
-    model = load_model(backend, tiny)
+    model = load_model(backend, tiny, model_source, remote)
     writer = LLMDescriber(model) if describer == "llm" else TemplateDescriber()
     records = []
     for user in tqdm(chosen, desc="attributing users"):
@@ -158,7 +186,7 @@ def attribute(
 
 
 def pipeline_config(
-    layer: int, alpha: float, backbone: str, describer: str, r: float | None = None
+    layer: int | None, alpha: float, backbone: str, describer: str, r: float | None = None
 ) -> Any:
     """A :class:`SteerXConfig` from CLI options (unset options keep the documented defaults)."""
     from steerx_lens.pipeline import SteerXConfig
@@ -185,11 +213,13 @@ def fit(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/fit"),
     users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
     backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
-    layer: Annotated[int, typer.Option(help="layer whose resid_post is steered")] = 12,
+    layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
     alpha: Annotated[float, typer.Option(help="default steering strength")] = 1.0,
     mode: Annotated[str, typer.Option(help="steerx | baseline | both")] = "both",
     describer: Annotated[str, typer.Option(help="template | llm")] = "template",
     backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
+    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
     tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
 ) -> None:
     """Fit SteerX and/or baseline vectors: one vector file per user and mode, plus fit.json."""
@@ -199,7 +229,7 @@ def fit(
     if mode not in ("steerx", "baseline", "both"):
         raise typer.BadParameter(f"unknown mode {mode!r}; use steerx, baseline or both")
     population = load_users(data)
-    model = load_model(backend, tiny)
+    model = load_model(backend, tiny, model_source, remote)
     config = pipeline_config(layer, alpha, backbone, describer)
     result = SteerX(model, config, cache_dir=out / "cache").fit_many(
         population[:users] if users else population
@@ -241,13 +271,15 @@ def generate(
     alpha: Annotated[float | None, typer.Option(help="strength (default: the vector's)")] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 60,
     backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
+    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
     tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
 ) -> None:
     """Print a steered completion of PROMPT."""
     from steerx_lens.data import build_prompt
     from steerx_lens.vectors import SteeringVector
 
-    model = load_model(backend, tiny)
+    model = load_model(backend, tiny, model_source, remote)
     steering = SteeringVector.load(vector, model=model)
     text = build_prompt(get_adapter(model).tokenizer, prompt)
     out = hooks.generate(model, [text], steering.to_steer(alpha), max_new_tokens=max_new_tokens)
@@ -260,7 +292,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/eval"),
     users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
     backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
-    layer: Annotated[int, typer.Option(help="layer whose resid_post is steered")] = 12,
+    layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
     alpha: Annotated[float, typer.Option(help="steering strength")] = 1.0,
     r: Annotated[float | None, typer.Option(help="strength of SteerX's personal part")] = None,
     best: Annotated[Path | None, typer.Option(help="best.json from `steerx sweep`")] = None,
@@ -268,6 +300,8 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option()] = 40,
     describer: Annotated[str, typer.Option(help="template | llm")] = "llm",
     backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
+    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
     max_history: Annotated[
         int | None, typer.Option(help="keep each user's last N history items")
     ] = None,
@@ -290,7 +324,7 @@ def evaluate(
     population = load_users(data, n_users=users)
     if max_history:
         population = [replace(u, history=u.history[-max_history:]) for u in population]
-    model = load_model(backend, tiny)
+    model = load_model(backend, tiny, model_source, remote)
     info = {
         "data": data,
         "backend": backend,
@@ -326,13 +360,15 @@ def sweep(
     n_validation: Annotated[int, typer.Option(help="validation items per user")] = 2,
     backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
     backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
+    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
     tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
 ) -> None:
     """Layer × alpha (× r) sweep on validation items; writes best.json for `steerx eval`."""
     from steerx_lens.data import load_users
     from steerx_lens.sweep import parse_layers, run_sweep
 
-    model = load_model(backend, tiny)
+    model = load_model(backend, tiny, model_source, remote)
     first_layer = parse_layers(layers)[0]
     config = pipeline_config(first_layer, 1.0, backbone, "template")
     result = run_sweep(
@@ -366,3 +402,14 @@ def info() -> None:
 
 if __name__ == "__main__":
     app()
+
+
+def main() -> None:
+    """Console entry point: a library error prints as one clear line and exits with status 1."""
+    from steerx_lens.errors import SteerXError
+
+    try:
+        app()
+    except SteerXError as error:
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {error}")
+        raise SystemExit(1) from None

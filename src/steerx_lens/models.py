@@ -158,15 +158,25 @@ def build_tiny_model_dir(
     return target
 
 
-def load_model_dir(folder: str | Path, backend: Backend = "hf") -> Any:
+def load_model_dir(
+    folder: str | Path,
+    backend: Backend = "hf",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+) -> Any:
     """Load a local HF model folder (weights + tokenizer) on one of the supported backends.
 
     Returns a ``transformers`` causal LM (``hf``), a ``HookedTransformer``
     (``transformer_lens``), a ``TransformerBridge`` (``bridge``) or an nnsight
     ``TransformersModel`` (``nnsight``). Everything is loaded from disk; nothing from a hub.
+    ``dtype`` and ``device`` apply to every backend; ``device_map`` (e.g. ``"auto"``, needs
+    ``accelerate``) spreads an ``hf``/``nnsight`` model over devices instead of ``device``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if device_map is not None and backend not in ("hf", "nnsight"):
+        raise ValueError(f"device_map is supported on the hf and nnsight backends, not {backend}")
     folder = Path(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,13 +187,15 @@ def load_model_dir(folder: str | Path, backend: Backend = "hf") -> Any:
     if backend == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 
-        bridge = TransformerBridge.boot_transformers(str(folder), device="cpu", dtype=torch.float32)
+        bridge = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype)
         bridge.eval()
         # The bridge's own tokenizer prepends BOS; keep the model's plain tokenizer too so that
         # every backend sees the same token ids.
         bridge.steerx_tokenizer = tokenizer
         return bridge
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device_map)
+    if device_map is None:
+        hf_model.to(device)
     hf_model.eval()
     if backend == "hf":
         hf_model.tokenizer = tokenizer  # type: ignore[attr-defined]
@@ -202,8 +214,8 @@ def load_model_dir(folder: str | Path, backend: Backend = "hf") -> Any:
         name,
         hf_model=hf_model,
         tokenizer=tokenizer,
-        device="cpu",
-        dtype=torch.float32,
+        device=device,
+        dtype=dtype,
         default_prepend_bos=False,
     )
     model.eval()
@@ -211,14 +223,22 @@ def load_model_dir(folder: str | Path, backend: Backend = "hf") -> Any:
     return model
 
 
-def load_demo_model(backend: Backend = "hf") -> Any:
-    """Load SmolLM2-135M-Instruct (dequantized Q4_1, fp32) on the chosen backend, offline."""
-    return load_model_dir(demo_model_dir(), backend)
+def load_demo_model(backend: Backend = "hf", **options: Any) -> Any:
+    """Load SmolLM2-135M-Instruct (dequantized Q4_1) on the chosen backend, offline.
+
+    ``options`` (``dtype``, ``device``, ``device_map``) go to :func:`load_model_dir`.
+    """
+    return load_model_dir(demo_model_dir(), backend, **options)
 
 
-def load_tiny_model(backend: Backend = "hf", **config: int) -> Any:
-    """Load a tiny random Llama model (2 layers, d_model 64 by default) on the chosen backend."""
-    return load_model_dir(build_tiny_model_dir(**config), backend)
+def load_tiny_model(backend: Backend = "hf", **options: Any) -> Any:
+    """Load a tiny random Llama model (2 layers, d_model 64 by default) on the chosen backend.
+
+    Size options (``d_model``, ``n_layers``, ``n_heads``, ``vocab_size``, ``seed``) build the
+    model; ``dtype``, ``device`` and ``device_map`` go to :func:`load_model_dir`.
+    """
+    loading = {k: options.pop(k) for k in ("dtype", "device", "device_map") if k in options}
+    return load_model_dir(build_tiny_model_dir(**options), backend, **loading)
 
 
 def weights_digest(embedding: torch.Tensor) -> str:

@@ -58,6 +58,7 @@ from steerx_lens.errors import SteerXError
 from steerx_lens.vectors import SteeringVector
 
 Backbone = Literal["mean_diff", "bipo", "sae"]
+DEFAULT_DEPTH_FRACTION = 0.4
 NEUTRAL_ANSWER = "Thank you for your question. Here is a general answer that covers the basics."
 
 
@@ -65,7 +66,7 @@ NEUTRAL_ANSWER = "Thank you for your question. Here is a general answer that cov
 class SteerXConfig:
     """Every documented default of the pipeline (see the module docstring)."""
 
-    layer: int = 12
+    layer: int | None = None
     site_kind: str = "hook_resid_post"
     backbone: Backbone = "mean_diff"
     pool: Pool = "response_mean"
@@ -85,7 +86,19 @@ class SteerXConfig:
     @property
     def site(self) -> str:
         """The canonical site name ``blocks.{layer}.{site_kind}``."""
+        if self.layer is None:
+            raise SteerXError("no layer chosen: call for_model(n_layers) or set layer=")
         return f"blocks.{self.layer}.{self.site_kind}"
+
+    def for_model(self, n_layers: int) -> SteerXConfig:
+        """This config with ``layer=None`` resolved to 40% of the model's depth.
+
+        40% gives layer 12 of SmolLM2-135M's 30, the default validated in docs/method.md; the
+        layer is always taken from the model, never assumed.
+        """
+        if self.layer is not None:
+            return self
+        return replace(self, layer=round(DEFAULT_DEPTH_FRACTION * n_layers))
 
 
 @dataclass
@@ -168,8 +181,8 @@ class SteerX:
         progress: bool = True,
     ) -> None:
         self.model = model
-        self.config = config or SteerXConfig()
         self.adapter = get_adapter(model)
+        self.config = (config or SteerXConfig()).for_model(self.adapter.n_layers)
         self.adapter.resolve(self.config.site)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.sae = sae

@@ -88,7 +88,7 @@ def require_api_key() -> None:
 
 def model_key(model: Any) -> str:
     """nnsight's key naming ``model`` on the server; :class:`RemoteModelError` if it has none."""
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    source = str(getattr(model, "repo_id", "") or "")
     if source and Path(source).exists():
         raise RemoteModelError(
             f"the model was loaded from the local folder {source!r}; NDIF runs models by their "
