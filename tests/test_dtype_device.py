@@ -97,10 +97,11 @@ def test_device_map_is_refused_where_unsupported() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "nnsight_remote_simulated"])
 def test_cuda_model_matches_cpu(backend: str, fp32: Any) -> None:
-    model = load_tiny_model(backend, device="cuda")
-    assert get_adapter(model).device.type == "cuda"
+    model = load_tiny_model(backend.removesuffix("_remote_simulated"), device="cuda")
+    adapter = get_adapter(model, remote="local" if backend.endswith("_simulated") else None)
+    assert adapter.embedding_weight().device.type == "cuda"
     scores = hooks.score_tokens(model, PROMPTS, steer())  # a CPU vector on a CUDA model
     reference = hooks.score_tokens(fp32, PROMPTS, steer())
     assert gap(scores, reference, fp32) <= 1e-3
@@ -108,3 +109,11 @@ def test_cuda_model_matches_cpu(backend: str, fp32: Any) -> None:
     assert torch.equal(
         generated, hooks.generate(fp32, PROMPTS, steer(), max_new_tokens=4).sequences
     )
+    users = make_synthetic_users(n_users=3, n_history=2, n_heldout=1, seed=0)
+    config = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=128)
+    on_gpu = SteerX(model, config, progress=False).fit_many(users)
+    on_cpu = SteerX(fp32, config, progress=False).fit_many(users)
+    for user_id, expected in on_cpu.users.items():
+        vector = on_gpu.users[user_id].steerx.vector
+        assert vector.device.type == "cpu"  # vectors always come back to the CPU
+        assert torch.nn.functional.cosine_similarity(vector, expected.steerx.vector, dim=0) > 0.99

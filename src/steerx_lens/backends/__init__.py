@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -45,23 +46,29 @@ def get_adapter(model: Any, tokenizer: Any = None, remote: Any = None) -> ModelA
 
 
 def _build_adapter(model: Any, tokenizer: Any) -> ModelAdapter:
-    from nnsight.intervention.envoy import Envoy
-    from transformer_lens import HookedTransformer
-    from transformer_lens.model_bridge import TransformerBridge
+    # A TransformerLens or nnsight model implies its library was imported: the stacks that are
+    # not in use are never imported here.
+    if "nnsight" in sys.modules:
+        from nnsight.intervention.envoy import Envoy
+
+        if isinstance(model, Envoy):
+            from steerx_lens.backends.nnsight import NNsightAdapter
+
+            return NNsightAdapter(model, tokenizer or model.tokenizer)
+    if "transformer_lens" in sys.modules:
+        from transformer_lens import HookedTransformer
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if isinstance(model, TransformerBridge):
+            from steerx_lens.backends.transformer_lens import BridgeAdapter
+
+            return BridgeAdapter(model, tokenizer or _default_tokenizer(model))
+        if isinstance(model, HookedTransformer):
+            from steerx_lens.backends.transformer_lens import HookedTransformerAdapter
+
+            return HookedTransformerAdapter(model, tokenizer or _default_tokenizer(model))
     from transformers import PreTrainedModel
 
-    if isinstance(model, Envoy):
-        from steerx_lens.backends.nnsight import NNsightAdapter
-
-        return NNsightAdapter(model, tokenizer or model.tokenizer)
-    if isinstance(model, TransformerBridge):
-        from steerx_lens.backends.transformer_lens import BridgeAdapter
-
-        return BridgeAdapter(model, tokenizer or _default_tokenizer(model))
-    if isinstance(model, HookedTransformer):
-        from steerx_lens.backends.transformer_lens import HookedTransformerAdapter
-
-        return HookedTransformerAdapter(model, tokenizer or _default_tokenizer(model))
     if isinstance(model, PreTrainedModel):
         from steerx_lens.backends.hf import HFAdapter
 
