@@ -81,7 +81,8 @@ def test_token_nll_matches_a_manual_computation(tiny: Any, users: list) -> None:
 def test_eval_writes_the_documented_schema_and_resumes(
     tiny: Any, users: list, tmp_path: Path
 ) -> None:
-    metrics = Experiment(tiny, users, tmp_path, CONFIG, max_new_tokens=4, progress=False).run()
+    options = {"max_new_tokens": 4, "progress": False, "users_per_batch": 2}  # groups of 2 and 1
+    metrics = Experiment(tiny, users, tmp_path, CONFIG, **options).run()
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert set(on_disk) >= {"config", "methods", "per_user", "stats"}
     assert set(on_disk["methods"]) == set(ALL_METHODS)
@@ -99,7 +100,7 @@ def test_eval_writes_the_documented_schema_and_resumes(
     files = sorted((tmp_path / "users").iterdir())
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
     files[0].unlink()  # as if the run had been interrupted before this user finished
-    Experiment(tiny, users, tmp_path, CONFIG, max_new_tokens=4, progress=False).run()
+    Experiment(tiny, users, tmp_path, CONFIG, **options).run()
     for f in sorted((tmp_path / "users").iterdir()):
         if f.name == files[0].name:
             assert f.exists()

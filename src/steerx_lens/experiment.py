@@ -1,6 +1,12 @@
 """The SteerX experiment: fit every user, evaluate every method on held-out text, write the
 report. Interruptible: each user's results are written atomically to ``DIR/users/`` and a rerun
 with the same configuration skips finished users.
+
+Users are evaluated in groups (``users_per_batch``): the NLL rows of every user, method and
+other user's vector of a group share forward batches (each row steered by its own vector), and
+each generation method is one batched generation over the group's prompts. Rows are left-padded
+and masked, so a user's numbers do not depend on which users it was batched with (up to float
+rounding).
 """
 
 from __future__ import annotations
@@ -9,16 +15,20 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerx_lens import hooks
 from steerx_lens.atomic import safe_filename, write_text
 from steerx_lens.attribution import history_block
+from steerx_lens.backbones.mean_diff import EncodedText
 from steerx_lens.data import HistoryItem, UserHistory, build_prompt
 from steerx_lens.evaluate import (
     ALL_METHODS,
@@ -35,6 +45,9 @@ from steerx_lens.viz import save_attribution_html
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
+OWN_METHODS = ("none", "baseline", "steerx", "shared", "history_prompt")
+NllKey = tuple[str, str, str | None]  # (user id, method, other user's id for *_other methods)
+NllRequests = dict[NllKey, tuple[list[EncodedText], list[SteeringVector | None]]]
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -74,7 +87,10 @@ class Experiment:
         max_new_tokens: int = 40,
         run_info: dict[str, Any] | None = None,
         progress: bool = True,
+        users_per_batch: int = 8,
     ) -> None:
+        if users_per_batch < 1:
+            raise ValueError(f"users_per_batch must be >= 1, got {users_per_batch}")
         self.model = model
         self.users = [user for user in users if user.history and user.heldout]
         self.skipped = {
@@ -85,6 +101,7 @@ class Experiment:
         self.generate = generate
         self.max_new_tokens = max_new_tokens
         self.progress = progress
+        self.users_per_batch = users_per_batch  # not in the config: results do not depend on it
         self.config = {
             **asdict(self.pipeline.config),
             "generate": generate,
@@ -118,92 +135,154 @@ class Experiment:
             chosen = block
         return chosen
 
-    def _nll(
-        self,
-        items: Sequence[HistoryItem],
-        vectors: Sequence[SteeringVector | None],
-        history: Sequence[HistoryItem] = (),
-    ) -> list[Any]:
-        tokenizer = self.pipeline.adapter.tokenizer
-        texts = [encode_for_eval(tokenizer, item, history) for item in items]
-        return token_nll(self.model, texts, vectors, batch_size=self.pipeline.config.batch_size)
-
-    def _generations(
-        self, user: UserHistory, vector: SteeringVector | None, history: Sequence[HistoryItem] = ()
-    ) -> list[str]:
-        tokenizer = self.pipeline.adapter.tokenizer
-        prompts = [
-            build_prompt(tokenizer, item.input, list(history) or None) for item in user.heldout
-        ]
-        interventions = [] if vector is None else [stacked_steer([vector] * len(prompts))]
-        out = hooks.generate(
-            self.model, prompts, *interventions, max_new_tokens=self.max_new_tokens
-        )
-        return [text.strip() for text in out.texts]
-
-    def evaluate_user(self, user: UserHistory, fit: FitResult) -> dict[str, Any]:
-        """Every method's metrics on one user's held-out items."""
+    def _vectors(self, user: UserHistory, fit: FitResult) -> dict[str, SteeringVector | None]:
+        """The user's own vector of every unprompted method (``none``: no vector)."""
         mine = fit.users[user.user_id]
-        others = [u for uid, u in fit.users.items() if uid != user.user_id]
-        heldout = user.heldout
-        n = len(heldout)
-        history = self.prompt_history(user)
-        own: dict[str, SteeringVector | None] = {
+        return {
             "none": None,
             "baseline": mine.baseline,
             "steerx": mine.steerx,
             "shared": fit.population.shared,
         }
-        nlls = {method: self._nll(heldout, [vector] * n) for method, vector in own.items()}
-        nlls["history_prompt"] = self._nll(heldout, [None] * n, history)
-        masks = preference_masks(
-            self.model,
-            user,
-            fit.population.users,
-            k_counterfactual=self.pipeline.config.k_counterfactual,
-            max_context_tokens=self.pipeline.config.max_context_tokens,
-            batch_size=self.pipeline.config.batch_size,
+
+    def _nll_requests(
+        self,
+        users: Sequence[UserHistory],
+        fit: FitResult,
+        histories: dict[str, list[HistoryItem]],
+    ) -> NllRequests:
+        """Every (user, method, other user) NLL evaluation: its texts and one vector per text."""
+        tokenizer = self.pipeline.adapter.tokenizer
+        requests: NllRequests = {}
+        for user in users:
+            uid, n = user.user_id, len(user.heldout)
+            plain = [encode_for_eval(tokenizer, item) for item in user.heldout]
+            for method, vector in self._vectors(user, fit).items():
+                requests[uid, method, None] = (plain, [vector] * n)
+            prompted = [encode_for_eval(tokenizer, item, histories[uid]) for item in user.heldout]
+            requests[uid, "history_prompt", None] = (prompted, [None] * n)
+            for mode in ("baseline", "steerx"):
+                for other_id, other in fit.users.items():
+                    if other_id != uid:
+                        requests[uid, f"{mode}_other", other_id] = (
+                            plain,
+                            [getattr(other, mode)] * n,
+                        )
+        return requests
+
+    def _batched_nll(
+        self, requests: NllRequests
+    ) -> dict[NllKey, list[Float[Tensor, " n_response"]]]:
+        """All requests' per-token NLLs from one :func:`token_nll` call (rows of every user and
+        method share forward batches, each row steered by its own vector)."""
+        texts = [text for rows, _ in requests.values() for text in rows]
+        vectors = [vector for _, rows in requests.values() for vector in rows]
+        values = iter(
+            token_nll(self.model, texts, vectors, batch_size=self.pipeline.config.batch_size)
         )
-        record: dict[str, Any] = {
-            "user_id": user.user_id,
-            "config_key": self.key,
-            "n_heldout_tokens": int(sum(m.numel() for m in masks)),
-            "n_pref_tokens": int(sum(int(m.sum()) for m in masks)),
-            "description": mine.description,
-            "top_spans": [
-                {"text": s.text, "score": s.score, "count": s.count}
-                for s in mine.attribution.spans[:8]
-            ],
-            "n_swapped_tokens": mine.n_swapped_tokens,
-            "steerx_fallback": bool(mine.steerx.extra.get("fallback")),
-        }
-        for method, values in nlls.items():
-            record[method] = {"nll": _pooled_nll(values), "nll_pref": _pooled_nll(values, masks)}
-        for mode in ("baseline", "steerx"):
-            if not others:
-                continue
-            per_other = []
-            for other in others:
-                values = self._nll(heldout, [getattr(other, mode)] * n)
-                per_other.append((_pooled_nll(values), _pooled_nll(values, masks)))
-            record[f"{mode}_other"] = {
-                "nll": _mean([a for a, _ in per_other]),
-                "nll_pref": _mean([b for _, b in per_other]),
+        return {key: [next(values) for _ in rows] for key, (rows, _) in requests.items()}
+
+    def _generations(
+        self, prompts: Sequence[str], vectors: Sequence[SteeringVector | None]
+    ) -> list[str]:
+        """Greedy continuations from one :func:`hooks.generate` call, row ``i`` steered by
+        ``vectors[i]`` (a ``None`` row gets a zero vector, i.e. is left as it is)."""
+        steered = [vector for vector in vectors if vector is not None]
+        interventions: list[hooks.Steer] = []
+        if steered:
+            zero = replace(steered[0], vector=torch.zeros_like(steered[0].vector))
+            rows = [zero if vector is None else vector for vector in vectors]
+            interventions.append(stacked_steer(rows))
+        out = hooks.generate(
+            self.model, list(prompts), *interventions, max_new_tokens=self.max_new_tokens
+        )
+        return [text.strip() for text in out.texts]
+
+    def _generation_texts(
+        self,
+        users: Sequence[UserHistory],
+        fit: FitResult,
+        histories: dict[str, list[HistoryItem]],
+    ) -> dict[str, dict[str, list[str]]]:
+        """Per user and generation method, the continuations of the held-out prompts: one
+        batched generation per method over every user's prompts."""
+        tokenizer = self.pipeline.adapter.tokenizer
+        texts: dict[str, dict[str, list[str]]] = {user.user_id: {} for user in users}
+        for method in GENERATION_METHODS:
+            prompts: list[str] = []
+            vectors: list[SteeringVector | None] = []
+            for user in users:
+                history = histories[user.user_id] if method == "history_prompt" else []
+                vector = None if method == "history_prompt" else self._vectors(user, fit)[method]
+                prompts += [
+                    build_prompt(tokenizer, item.input, history or None) for item in user.heldout
+                ]
+                vectors += [vector] * len(user.heldout)
+            generated = iter(self._generations(prompts, vectors))
+            for user in users:
+                texts[user.user_id][method] = [next(generated) for _ in user.heldout]
+        return texts
+
+    def evaluate_users(
+        self, users: Sequence[UserHistory], fit: FitResult
+    ) -> dict[str, dict[str, Any]]:
+        """Every method's metrics on the users' held-out items, one record per user.
+
+        The users are evaluated together so that batches are full: all NLLs in one
+        :func:`token_nll` call, each generation method in one :func:`hooks.generate` call.
+        """
+        histories = {user.user_id: self.prompt_history(user) for user in users}
+        nlls = self._batched_nll(self._nll_requests(users, fit, histories))
+        generations = self._generation_texts(users, fit, histories) if self.generate else {}
+        records = {}
+        for user in users:
+            uid = user.user_id
+            mine = fit.users[uid]
+            masks = preference_masks(
+                self.model,
+                user,
+                fit.population.users,
+                k_counterfactual=self.pipeline.config.k_counterfactual,
+                max_context_tokens=self.pipeline.config.max_context_tokens,
+                batch_size=self.pipeline.config.batch_size,
+            )
+            record: dict[str, Any] = {
+                "user_id": uid,
+                "config_key": self.key,
+                "n_heldout_tokens": int(sum(m.numel() for m in masks)),
+                "n_pref_tokens": int(sum(int(m.sum()) for m in masks)),
+                "description": mine.description,
+                "top_spans": [
+                    {"text": s.text, "score": s.score, "count": s.count}
+                    for s in mine.attribution.spans[:8]
+                ],
+                "n_swapped_tokens": mine.n_swapped_tokens,
+                "steerx_fallback": bool(mine.steerx.extra.get("fallback")),
             }
-        if self.generate:
-            references = [item.output for item in heldout]
-            record["generations"] = {}
-            for method in GENERATION_METHODS:
-                if method == "history_prompt":
-                    texts = self._generations(user, None, history)
-                else:
-                    texts = self._generations(user, own[method])
-                record[method].update(generation_scores(texts, references))
-                record["generations"][method] = texts
-        save_attribution_html(
-            mine.attribution, self.out / "attribution" / f"{self.user_file(user.user_id).stem}.html"
-        )
-        return record
+            for method in OWN_METHODS:
+                values = nlls[uid, method, None]
+                record[method] = {
+                    "nll": _pooled_nll(values),
+                    "nll_pref": _pooled_nll(values, masks),
+                }
+            others = [other_id for other_id in fit.users if other_id != uid]
+            for mode in ("baseline", "steerx") if others else ():
+                per_other = [nlls[uid, f"{mode}_other", other_id] for other_id in others]
+                record[f"{mode}_other"] = {
+                    "nll": _mean([_pooled_nll(values) for values in per_other]),
+                    "nll_pref": _mean([_pooled_nll(values, masks) for values in per_other]),
+                }
+            if self.generate:
+                references = [item.output for item in user.heldout]
+                record["generations"] = {}
+                for method, texts in generations[uid].items():
+                    record[method].update(generation_scores(texts, references))
+                    record["generations"][method] = texts
+            save_attribution_html(
+                mine.attribution, self.out / "attribution" / f"{self.user_file(uid).stem}.html"
+            )
+            records[uid] = record
+        return records
 
     # ------------------------------------------------------------------ whole run
     def run(self) -> dict[str, Any]:
@@ -214,12 +293,15 @@ class Experiment:
         if todo:
             fit = self.pipeline.fit_many(self.users)
             failures.update(fit.failures)
-            for user in tqdm(todo, desc="evaluating users", disable=not self.progress):
-                if user.user_id not in fit.users:
-                    continue
-                record = self.evaluate_user(user, fit)
-                write_text(self.user_file(user.user_id), json.dumps(record, indent=1))
-                records[user.user_id] = record
+            fitted = [user for user in todo if user.user_id in fit.users]
+            size = self.users_per_batch
+            with tqdm(total=len(fitted), desc="evaluating users", disable=not self.progress) as bar:
+                for start in range(0, len(fitted), size):
+                    group = self.evaluate_users(fitted[start : start + size], fit)
+                    for user_id, record in group.items():
+                        write_text(self.user_file(user_id), json.dumps(record, indent=1))
+                    records.update(group)
+                    bar.update(len(group))
         metrics = aggregate(
             [records[u.user_id] for u in self.users if u.user_id in records], self.config
         )

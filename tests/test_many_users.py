@@ -1,0 +1,182 @@
+"""Many users at once: the evaluation mixes rows of different users in one forward batch, and
+every user still gets the numbers (and greedy texts) of evaluating it alone."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from steerx_lens import experiment as experiment_module
+from steerx_lens import hooks
+from steerx_lens.backends import get_adapter
+from steerx_lens.data import HistoryItem, UserHistory, build_prompt, make_synthetic_users
+from steerx_lens.evaluate import GENERATION_METHODS, encode_for_eval, token_nll
+from steerx_lens.experiment import Experiment, _mean, _pooled_nll
+from steerx_lens.models import load_tiny_model
+from steerx_lens.pipeline import FitResult, SteerXConfig, stacked_steer
+from steerx_lens.vectors import SteeringVector
+
+CONFIG = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256)
+TOLERANCE = 1e-5
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    return load_tiny_model("hf")
+
+
+@pytest.fixture(scope="module")
+def users() -> list[UserHistory]:
+    return make_synthetic_users(n_users=3, n_history=4, n_heldout=2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def fitted(
+    tiny: Any, users: list[UserHistory], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Experiment, FitResult]:
+    out = tmp_path_factory.mktemp("many_users")
+    experiment = Experiment(tiny, users, out, CONFIG, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+    return experiment, experiment.pipeline.fit_many(users)
+
+
+def assert_same(got: Any, expected: Any, where: str = "record") -> None:
+    """Equal records: floats within TOLERANCE, everything else (texts, counts) exactly."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_same(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_same(a, b, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        assert math.isclose(got, expected, rel_tol=0.0, abs_tol=TOLERANCE), (where, got, expected)
+    else:
+        assert got == expected, where
+
+
+def alone_nll(
+    model: Any,
+    user: UserHistory,
+    vector: SteeringVector | None,
+    history: Sequence[HistoryItem] = (),
+) -> float | None:
+    """One method's pooled NLL for one user, from its own ``token_nll`` call (the old protocol)."""
+    tokenizer = get_adapter(model).tokenizer
+    texts = [encode_for_eval(tokenizer, item, history) for item in user.heldout]
+    return _pooled_nll(token_nll(model, texts, [vector] * len(texts), batch_size=8))
+
+
+def test_users_batched_together_get_the_numbers_they_get_alone(
+    tiny: Any, users: list[UserHistory], fitted: tuple[Experiment, FitResult]
+) -> None:
+    experiment, fit = fitted
+    together = experiment.evaluate_users(users, fit)
+    tokenizer = get_adapter(tiny).tokenizer
+    for user in users:
+        record = together[user.user_id]
+        assert_same(record, experiment.evaluate_users([user], fit)[user.user_id], user.user_id)
+        mine = fit.users[user.user_id]
+        others = [fit.users[uid] for uid in fit.users if uid != user.user_id]
+        history = experiment.prompt_history(user)
+        expected = {
+            "none": alone_nll(tiny, user, None),
+            "steerx": alone_nll(tiny, user, mine.steerx),
+            "history_prompt": alone_nll(tiny, user, None, history),
+            "baseline_other": _mean([alone_nll(tiny, user, o.baseline) for o in others]),
+        }
+        for method, nll in expected.items():
+            assert record[method]["nll"] == pytest.approx(nll, abs=TOLERANCE), method
+        prompts = [build_prompt(tokenizer, item.input) for item in user.heldout]
+        steer = stacked_steer([mine.steerx] * len(prompts))
+        alone = hooks.generate(tiny, prompts, steer, max_new_tokens=MAX_NEW_TOKENS)
+        assert record["generations"]["steerx"] == [text.strip() for text in alone.texts]
+
+
+def test_rows_of_different_users_share_one_forward_call(
+    tiny: Any,
+    users: list[UserHistory],
+    fitted: tuple[Experiment, FitResult],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    experiment, fit = fitted
+    adapter = get_adapter(tiny)
+    tokenizer = adapter.tokenizer
+    nll_calls: list[int] = []
+    nll_forwards: list[list[list[int]]] = []  # token ids of every row, per forward inside token_nll
+    generate_calls: list[tuple[list[str], tuple]] = []
+    inside_nll = False
+
+    original_forward, original_nll, original_generate = (
+        adapter.forward,
+        experiment_module.token_nll,
+        hooks.generate,
+    )
+
+    def spy_forward(batch: Any, interventions: Any, grad: bool = False) -> Any:
+        if inside_nll:
+            nll_forwards.append(batch.input_ids.tolist())
+        return original_forward(batch, interventions, grad=grad)
+
+    def spy_nll(model: Any, texts: list, *args: Any, **kwargs: Any) -> Any:
+        nonlocal inside_nll
+        nll_calls.append(len(texts))
+        inside_nll = True
+        try:
+            return original_nll(model, texts, *args, **kwargs)
+        finally:
+            inside_nll = False
+
+    def spy_generate(model: Any, inputs: Any, *interventions: Any, **kwargs: Any) -> Any:
+        generate_calls.append((list(inputs), interventions))
+        return original_generate(model, inputs, *interventions, **kwargs)
+
+    monkeypatch.setattr(adapter, "forward", spy_forward)
+    monkeypatch.setattr(experiment_module, "token_nll", spy_nll)
+    monkeypatch.setattr(hooks, "generate", spy_generate)
+    experiment.evaluate_users(users, fit)
+
+    n_heldout = sum(len(user.heldout) for user in users)
+    rows_per_item = 5 + 2 * (len(users) - 1)  # own methods + both modes under every other user
+    assert nll_calls == [n_heldout * rows_per_item], "one token_nll call for every user and method"
+    batch_size = experiment.pipeline.config.batch_size
+    assert len(nll_forwards) == math.ceil(n_heldout * rows_per_item / batch_size)
+
+    responses = {
+        user.user_id: [
+            (text := encode_for_eval(tokenizer, item)).input_ids[text.response_start :]
+            for item in user.heldout
+        ]
+        for user in users
+    }
+
+    def owners(rows: list[list[int]]) -> set[str]:
+        """The users whose held-out responses end the rows (rows are left-padded)."""
+        return {
+            uid
+            for row in rows
+            for uid, ends in responses.items()
+            if any(row[-len(end) :] == end for end in ends)
+        }
+
+    assert max(len(owners(rows)) for rows in nll_forwards) >= 2, "no forward mixed users"
+
+    assert len(generate_calls) == len(GENERATION_METHODS)
+    for (prompts, interventions), method in zip(generate_calls, GENERATION_METHODS, strict=True):
+        assert len(prompts) == n_heldout, f"{method}: one generate call for every user's prompts"
+        if method in ("baseline", "steerx"):
+            (steer,) = interventions
+            owns = [getattr(fit.users[u.user_id], method) for u in users for _ in u.heldout]
+            for row, own in zip(steer.vector, owns, strict=True):
+                assert row.equal(own.vector * own.alpha), f"{method}: a row got another vector"
+        if method in ("none", "history_prompt"):
+            assert interventions == ()
+
+
+def test_users_per_batch_must_be_positive(tiny: Any, users: list[UserHistory]) -> None:
+    with pytest.raises(ValueError, match="users_per_batch"):
+        Experiment(tiny, users, "unused", CONFIG, users_per_batch=0)
