@@ -137,7 +137,7 @@ def plot_sweep(result: dict[str, Any], out: Path) -> None:
         values = np.asarray(result["nll_change"][method])
         limit = max(float(np.nanmax(np.abs(values))), 1e-6)
         figure, axis = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.45 * len(layers) + 1.8))
-        image = axis.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        image = axis.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         axis.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         axis.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         axis.set_xlabel("alpha")
@@ -145,7 +145,7 @@ def plot_sweep(result: dict[str, Any], out: Path) -> None:
         title = f"{method}: validation NLL change vs none"
         if method == "steerx":
             title += f" (r={result['best']['r']:g})"
-        axis.set_title(title + " (blue = better)")
+        axis.set_title(title + "\n(blue = better)", fontsize=9)
         for (i, j), value in np.ndenumerate(values):
             axis.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=7)
         figure.colorbar(image, ax=axis)
