@@ -15,6 +15,7 @@ import torch
 from steerx_lens import hooks
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import make_synthetic_users
+from steerx_lens.errors import ContextLengthError, SteerXError
 from steerx_lens.models import BACKENDS, load_tiny_model
 from steerx_lens.pipeline import SteerX, SteerXConfig
 
@@ -117,3 +118,16 @@ def test_cuda_model_matches_cpu(backend: str, fp32: Any) -> None:
         vector = on_gpu.users[user_id].steerx.vector
         assert vector.device.type == "cpu"  # vectors always come back to the CPU
         assert torch.nn.functional.cosine_similarity(vector, expected.steerx.vector, dim=0) > 0.99
+
+
+def test_inputs_longer_than_the_context_are_refused() -> None:
+    model = load_tiny_model("transformer_lens")  # its rotary tables stop at n_ctx
+    adapter = get_adapter(model)
+    assert adapter.max_positions == 1024
+    too_long = torch.ones(1, 1025, dtype=torch.long)
+    with pytest.raises(ContextLengthError, match="1025 tokens but the model's context is 1024"):
+        hooks.score_tokens(model, too_long)
+    with pytest.raises(ContextLengthError, match="prompt \\+ new tokens"):
+        hooks.generate(model, torch.ones(1, 1020, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(SteerXError, match="max_context_tokens=2048 exceeds"):
+        SteerX(model, SteerXConfig(max_context_tokens=2048), progress=False)

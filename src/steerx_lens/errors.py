@@ -36,3 +36,7 @@ class PositionError(SteerXError, ValueError):
 
 class BackendError(SteerXError, TypeError):
     """A model object that no steerx_lens backend supports, or an unsupported operation."""
+
+
+class ContextLengthError(SteerXError, ValueError):
+    """An input (history + text, or prompt + new tokens) longer than the model's context."""

@@ -372,6 +372,7 @@ def run(
 
     adapter = get_adapter(model, tokenizer=tokenizer)
     batch = adapter.encode(inputs, padding_side=padding_side)
+    adapter.check_length(batch.input_ids.shape[1])
     return adapter.forward(batch, list(interventions), grad=grad)
 
 
@@ -427,6 +428,7 @@ def score_tokens(
 
     adapter = get_adapter(model, tokenizer=tokenizer)
     batch = adapter.encode(inputs, padding_side=padding_side)
+    adapter.check_length(batch.input_ids.shape[1])
     return adapter.score_next_tokens(batch, list(interventions))
 
 
@@ -446,6 +448,7 @@ def activations(
 
     adapter = get_adapter(model, tokenizer=tokenizer)
     batch = adapter.encode(inputs, padding_side=padding_side)
+    adapter.check_length(batch.input_ids.shape[1])
     return adapter.activations(batch, list(interventions), list(sites))
 
 
@@ -483,6 +486,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     adapter = get_adapter(model, tokenizer=tokenizer)
     batch = adapter.encode(inputs, padding_side="left")
+    adapter.check_length(batch.input_ids.shape[1] + max_new_tokens, "the prompt + new tokens")
     sequences = adapter.generate(batch, list(interventions), max_new_tokens)
     prompt_len = batch.input_ids.shape[1]
     texts = adapter.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)

@@ -29,7 +29,7 @@ DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # TransformerLens refuses folders whose path contains "llama" (its config step guesses the
 # architecture from the name), so the cached folder name must not contain it.
 DEMO_DIRNAME = "smollm2-135m-instruct-q4_1-dequant"
-TINY_DIRNAME = "tiny-random-lm"
+TINY_DIRNAME = "tiny-random-lm-ctx1024"
 
 
 def cache_dir() -> Path:
@@ -141,7 +141,7 @@ def build_tiny_model_dir(
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,

@@ -183,6 +183,12 @@ class SteerX:
         self.model = model
         self.adapter = get_adapter(model)
         self.config = (config or SteerXConfig()).for_model(self.adapter.n_layers)
+        limit = self.adapter.max_positions
+        if limit is not None and self.config.max_context_tokens > limit:
+            raise SteerXError(
+                f"max_context_tokens={self.config.max_context_tokens} exceeds the model's "
+                f"context of {limit} tokens; set SteerXConfig(max_context_tokens<={limit})"
+            )
         self.adapter.resolve(self.config.site)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.sae = sae

@@ -19,7 +19,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from steerx_lens.errors import BackendError, ModelMismatchError, UnknownSiteError, VectorShapeError
+from steerx_lens.errors import (
+    BackendError,
+    ContextLengthError,
+    ModelMismatchError,
+    UnknownSiteError,
+    VectorShapeError,
+)
 from steerx_lens.hooks import (
     Capture,
     HookContext,
@@ -145,6 +151,22 @@ class ModelAdapter(ABC):
     @abstractmethod
     def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
         """The token embedding matrix (read for the model fingerprint and the device)."""
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context length (positions it can attend over), if it declares one."""
+        config = getattr(self.model, "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+
+    def check_length(self, n_tokens: int, what: str = "the input") -> None:
+        """Raise :class:`ContextLengthError` when ``n_tokens`` exceed :attr:`max_positions`."""
+        limit = self.max_positions
+        if limit is not None and n_tokens > limit:
+            raise ContextLengthError(
+                f"{what} has {n_tokens} tokens but the model's context is {limit}: shorten it "
+                "(for SteerX, lower max_context_tokens, which caps the history block)"
+            )
 
     @property
     def device(self) -> torch.device:

@@ -71,6 +71,11 @@ class NNsightAdapter(ModelAdapter):
         return self.hf_model.get_input_embeddings().weight
 
     @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.hf_model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+
+    @property
     def device(self) -> torch.device:
         """Where inputs are built: here (CPU) for remote runs, else the weights' device."""
         if self.remote or self.embedding_weight().device.type == "meta":

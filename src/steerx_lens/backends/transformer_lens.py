@@ -42,6 +42,11 @@ class _TLAdapterBase(ModelAdapter):
     def d_model(self) -> int:
         return int(self.model.cfg.d_model)
 
+    @property
+    def max_positions(self) -> int | None:
+        n_ctx = getattr(self.model.cfg, "n_ctx", None)
+        return int(n_ctx) if isinstance(n_ctx, int) else None
+
     def resolve(self, name: str) -> Site:
         site = parse_site(name, self.n_layers)  # raises if the layer is out of range
         if name not in self.model.hook_dict:
