@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from steerx_lens import hooks  # noqa: E402
+from steerx_lens.atomic import write_text  # noqa: E402
 from steerx_lens.backends import get_adapter  # noqa: E402
 from steerx_lens.backends.base import (  # noqa: E402
     Batch,
@@ -285,13 +286,6 @@ def machine_info() -> list[str]:
     ]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=40, help="new tokens per generation")
@@ -355,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- load average before the timed runs: {', '.join(f'{x:.2f}' for x in load_start)}",
         "",
     ]
-    write_atomic(args.out, "\n".join([*header, body, *footer]))
+    write_text(args.out, "\n".join([*header, body, *footer]))
     log(f"wrote {args.out}")
     return 0
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from steerx_lens.errors import BatchMismatchError, NonFiniteError, PositionError, VectorShapeError
 
 if TYPE_CHECKING:
-    from steerx_lens.backends.base import Inputs
+    from steerx_lens.backends.base import Batch, Inputs, ModelAdapter
 
 PositionName = Literal["all", "prompt_last_and_generated"]
 Positions = Union[PositionName, slice, Bool[Tensor, "batch pos"]]
@@ -355,6 +355,18 @@ def apply(model: Any, *interventions: Intervention, tokenizer: Any = None) -> It
         yield adapter
 
 
+def _encoded(
+    model: Any, inputs: Inputs, tokenizer: Any, padding_side: Literal["left", "right"]
+) -> tuple[ModelAdapter, Batch]:
+    """The model's adapter and the encoded batch, checked against the model's context."""
+    from steerx_lens.backends import get_adapter
+
+    adapter = get_adapter(model, tokenizer=tokenizer)
+    batch = adapter.encode(inputs, padding_side=padding_side)
+    adapter.check_length(batch.input_ids.shape[1])
+    return adapter, batch
+
+
 def run(
     model: Any,
     inputs: Inputs,
@@ -368,11 +380,7 @@ def run(
     ``grad=True`` keeps the autograd graph, so a steering vector with ``requires_grad`` can be
     trained through the model (hf, transformer_lens and bridge backends).
     """
-    from steerx_lens.backends import get_adapter
-
-    adapter = get_adapter(model, tokenizer=tokenizer)
-    batch = adapter.encode(inputs, padding_side=padding_side)
-    adapter.check_length(batch.input_ids.shape[1])
+    adapter, batch = _encoded(model, inputs, tokenizer, padding_side)
     return adapter.forward(batch, list(interventions), grad=grad)
 
 
@@ -424,11 +432,7 @@ def score_tokens(
     Equals :func:`next_token_scores` of :func:`run`'s logits, but only ``[batch, pos - 1]``
     values leave the model: on nnsight (local or remote) the reduction runs inside the trace.
     """
-    from steerx_lens.backends import get_adapter
-
-    adapter = get_adapter(model, tokenizer=tokenizer)
-    batch = adapter.encode(inputs, padding_side=padding_side)
-    adapter.check_length(batch.input_ids.shape[1])
+    adapter, batch = _encoded(model, inputs, tokenizer, padding_side)
     return adapter.score_next_tokens(batch, list(interventions))
 
 
@@ -444,11 +448,7 @@ def activations(
 
     On nnsight only the requested activations are saved (and, remotely, downloaded).
     """
-    from steerx_lens.backends import get_adapter
-
-    adapter = get_adapter(model, tokenizer=tokenizer)
-    batch = adapter.encode(inputs, padding_side=padding_side)
-    adapter.check_length(batch.input_ids.shape[1])
+    adapter, batch = _encoded(model, inputs, tokenizer, padding_side)
     return adapter.activations(batch, list(interventions), list(sites))
 
 
