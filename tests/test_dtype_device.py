@@ -92,6 +92,13 @@ def test_sizes_and_default_layer_come_from_the_model(n_layers: int, d_model: int
     assert SteerXConfig().for_model(30).layer == 12  # the demo model's validated default
 
 
+@pytest.mark.parametrize("backend", ["hf", "nnsight"])
+def test_device_map_loading_matches(backend: str, fp32: Any) -> None:
+    model = load_tiny_model(backend, device_map={"": "cpu"})  # accelerate's placement path
+    scores = hooks.score_tokens(model, PROMPTS, steer())
+    assert gap(scores, hooks.score_tokens(fp32, PROMPTS, steer()), fp32) <= 1e-5
+
+
 def test_device_map_is_refused_where_unsupported() -> None:
     with pytest.raises(ValueError, match="device_map"):
         load_tiny_model("transformer_lens", device_map="auto")
