@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import pytest
+from nnsight import CONFIG
 from typer.testing import CliRunner
 
-from steerx_lens.cli import app
+from steerx_lens.cli import app, main
 
 
 def test_demo_writes_a_report_with_steered_and_unsteered_text(tmp_path: Path) -> None:
@@ -42,3 +45,62 @@ def test_attribute_writes_ranked_spans_descriptions_and_html(tmp_path: Path) -> 
         assert user["description"]
         assert (tmp_path / user["html"]).read_text().startswith("<!doctype html>")
         assert (tmp_path / user["layer_map"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_then_generate_with_a_saved_vector(tmp_path: Path) -> None:
+    out = tmp_path / "fit"
+    args = ["fit", "--tiny", "--users", "3", "--layer", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "fit.json").read_text())
+    assert len(summary["users"]) == 3 and summary["config"]["layer"] == 1
+    vector_file = out / summary["users"][0]["vectors"]["steerx"]
+    assert vector_file.exists() and (out / summary["users"][0]["vectors"]["baseline"]).exists()
+    args = [
+        "generate",
+        "--tiny",
+        "--vector",
+        str(vector_file),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+    ]
+    result = CliRunner().invoke(app, [*args, "4"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+
+
+def test_eval_through_the_remote_path_writes_metrics(tmp_path: Path) -> None:
+    args = ["eval", "--tiny", "--data", "synthetic", "--users", "3", "--layer", "1"]
+    args += ["--no-generations", "--describer", "template", "--out", str(tmp_path)]
+    args += ["--backend", "nnsight", "--remote", "local", "--users-per-batch", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["per_user"]) == 3
+    assert metrics["methods"]["steerx"]["nll"] is not None
+    assert sorted(p.name for p in (tmp_path / "users").iterdir())[0].endswith(".json")
+
+
+def test_remote_options_are_checked(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["eval", "--tiny", "--remote", "local", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "--backend nnsight" in result.output
+    args = ["eval", "--backend", "nnsight", "--remote", "ndif", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--model ORG/NAME" in result.output
+
+
+def test_console_script_prints_library_errors_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    argv = ["steerx", "eval", "--backend", "nnsight", "--remote", "ndif", "--model", "org/name"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "NDIF API key" in err and "Traceback" not in err

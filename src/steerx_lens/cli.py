@@ -305,6 +305,9 @@ def evaluate(
     max_history: Annotated[
         int | None, typer.Option(help="keep each user's last N history items")
     ] = None,
+    users_per_batch: Annotated[
+        int, typer.Option(help="users evaluated together (shared forward batches)")
+    ] = 8,
     tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
 ) -> None:
     """The SteerX experiment: fit, evaluate every method on held-out text, write the report."""
@@ -328,10 +331,20 @@ def evaluate(
     info = {
         "data": data,
         "backend": backend,
-        "model": "tiny" if tiny else "SmolLM2-135M-Instruct",
+        "model": model_source or ("tiny" if tiny else "SmolLM2-135M-Instruct"),
         "max_history": max_history,
     }
-    metrics = Experiment(model, population, out, config, generations, max_new_tokens, info).run()
+    experiment = Experiment(
+        model,
+        population,
+        out,
+        config,
+        generations,
+        max_new_tokens,
+        info,
+        users_per_batch=users_per_batch,
+    )
+    metrics = experiment.run()
     table = Table(title=f"held-out NLL ({len(metrics['per_user'])} users)")
     for column in ("method", "nll", "nll_pref"):
         table.add_column(column)
