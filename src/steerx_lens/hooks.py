@@ -476,9 +476,9 @@ def generate(
     """Greedy decoding with the interventions applied at the prompt and every generated step.
 
     Prompts are left-padded. Uses each backend's fastest exact path: HF ``generate`` for HF
-    models, a KV-cached loop for HookedTransformer, nnsight's ``generate`` with per-step
-    interventions, and a cache-free loop for TransformerBridge (TransformerLens 3.9's bridge
-    attention does not fill the HF KV cache). A row that emits EOS is padded afterwards.
+    models and TransformerBridge (KV-cached, see ``fix_bridge_kv_cache``), a KV-cached loop for
+    HookedTransformer, and nnsight's ``generate`` with per-step interventions. A row that emits
+    EOS is padded afterwards.
     """
     from steerx_lens.backends import get_adapter
 

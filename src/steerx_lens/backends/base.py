@@ -101,16 +101,11 @@ class StepTracker:
     def __init__(self) -> None:
         self.prompt_len: int | None = None
         self.context: HookContext | None = None
-        # Set by decoding loops that re-run the whole sequence (no KV cache): then a call at
-        # offset 0 is not a new prompt.
-        self.fixed_prompt_len: int | None = None
 
     def update(self, full_mask: Bool[Tensor, "batch total"], n_current: int) -> None:
         """Record a forward call over the last ``n_current`` positions of ``full_mask``."""
         offset = full_mask.shape[1] - n_current
-        if self.fixed_prompt_len is not None:
-            self.prompt_len = self.fixed_prompt_len
-        elif offset == 0 or self.prompt_len is None:
+        if offset == 0 or self.prompt_len is None:
             self.prompt_len = full_mask.shape[1] if offset == 0 else offset
         self.context = HookContext(full_mask.bool(), n_current, self.prompt_len)
 

@@ -25,7 +25,7 @@ from steerx_lens.backends.base import (
     parse_site,
     unknown_site,
 )
-from steerx_lens.backends.hf import install_tracker, position_ids_for
+from steerx_lens.backends.hf import hf_generate, install_tracker, position_ids_for
 from steerx_lens.hooks import Intervention, compose
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -219,14 +219,18 @@ class HookedTransformerAdapter(_TLAdapterBase):
 class BridgeAdapter(_TLAdapterBase):
     """Adapter for ``transformer_lens.model_bridge.TransformerBridge``.
 
-    The bridge runs the wrapped HF model, so the step context is tracked on the HF model;
-    generation re-runs the whole sequence at each step (see :meth:`generate`).
+    The bridge runs the wrapped HF model, so the step context is tracked on the HF model and
+    generation is HF ``generate`` with the KV cache (after :func:`fix_bridge_kv_cache`).
     """
 
     name = "bridge"
     # The bridge's hook_resid_mid aliases the second layer norm's input: editing it does not
     # reach the residual stream, so it is emulated through resid_pre + attn_out.
     emulate_resid_mid = True
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        fix_bridge_kv_cache()
+        super().__init__(model, tokenizer)
 
     def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
         return self.model.original_model.get_input_embeddings().weight
@@ -248,26 +252,29 @@ class BridgeAdapter(_TLAdapterBase):
     def generate(
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
     ) -> Int[Tensor, "batch total"]:
-        """Greedy decoding that re-runs the whole sequence each step.
+        """HF ``generate`` on the bridged model, KV-cached (see :func:`fix_bridge_kv_cache`)."""
+        return hf_generate(self, self.model.original_model, batch, interventions, max_new_tokens)
 
-        TransformerLens 3.9's bridge attention does not fill the HF KV cache (measured on
-        SmolLM2: the cached step's logits are off by ~22), so HF ``generate`` would decode
-        garbage; this loop is exact but costs one full forward per new token.
-        """
-        model = self.model.original_model
 
-        def step(sequences: Tensor, mask: Tensor, n_new: int) -> Tensor:
-            return model(
-                input_ids=sequences,
-                attention_mask=mask,
-                position_ids=position_ids_for(mask),
-                use_cache=False,
-            ).logits
+def fix_bridge_kv_cache() -> None:
+    """Make TransformerLens 3.9's bridge attention fill the KV cache under transformers 5.x.
 
-        eos = eos_token_ids(model.generation_config, self.tokenizer)
-        self.tracker.fixed_prompt_len = batch.input_ids.shape[1]
-        try:
-            with self.apply(interventions), torch.no_grad():
-                return greedy_decode(step, batch, max_new_tokens, eos, self.pad_token_id)
-        finally:
-            self.tracker.fixed_prompt_len = None
+    transformers 5 hands the cache to each attention layer as ``cache=``; the bridge's
+    ``AttentionBridge._update_kv_cache`` only reads ``past_key_values`` / ``layer_past``, so the
+    cache stayed empty and every cached decoding step attended to itself alone (measured on
+    SmolLM2: logits ~22 off, garbage text). The shim passes ``cache`` on under the old name;
+    with it a cached step matches a full forward (1e-7 on the tiny model). Idempotent.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    original = AttentionBridge._update_kv_cache
+    if getattr(original, "steerx_cache_fix", False):
+        return
+
+    def update_kv_cache(self: Any, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return original(self, k, v, **kwargs)
+
+    update_kv_cache.steerx_cache_fix = True  # type: ignore[attr-defined]
+    AttentionBridge._update_kv_cache = update_kv_cache
