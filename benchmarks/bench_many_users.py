@@ -15,8 +15,8 @@ Every configuration is warmed up with a short generation, then the repeats are i
 (round-robin, the start rotating each round) and the median is reported. The markdown table is
 printed and written to ``benchmarks/results/many_users.md``.
 
-Run: ``.venv/bin/python benchmarks/bench_many_users.py [--tokens 32] [--bridge-tokens 16]
-[--repeats 3] [--backends hf,nnsight]``
+Run: ``.venv/bin/python benchmarks/bench_many_users.py [--tokens 32] [--repeats 3]
+[--backends hf,nnsight]``
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def backend_configs(
 
 
 def build_configs(
-    backends: list[str], n_users: int, n_new: dict[str, int], seed: int
+    backends: list[str], n_users: int, n_new: int, seed: int
 ) -> tuple[list[Config], dict]:
     """Load each backend's demo model and build its two configurations (same prompts, vectors)."""
     requests = [REQUESTS[i % len(REQUESTS)] for i in range(n_users)]
@@ -141,7 +141,7 @@ def build_configs(
         adapter = get_adapter(model)
         prompts = [build_prompt(adapter.tokenizer, request) for request in requests]
         vectors, norm = user_vectors(model, prompts, seed)
-        configs += backend_configs(backend, model, prompts, vectors, n_new[backend])
+        configs += backend_configs(backend, model, prompts, vectors, n_new)
         info.setdefault("eos", eos_token_ids(None, adapter.tokenizer))
         info.setdefault("pad", adapter.pad_token_id)
         info.setdefault("prompt_lens", [len(adapter.tokenizer(p)["input_ids"]) for p in prompts])
@@ -220,12 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=8, help="users (prompt rows) per batch")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
-    parser.add_argument(
-        "--bridge-tokens",
-        type=int,
-        default=16,
-        help="new tokens on the bridge backend (cache-free decoding, ~4x slower than hf)",
-    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration")
     parser.add_argument(
         "--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {BACKENDS}"
@@ -243,13 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown or not backends:
         parser.error(f"--backends: unknown {unknown}; choose from {BACKENDS}")
-    if min(args.users, args.tokens, args.bridge_tokens, args.repeats) < 1:
-        parser.error("--users, --tokens, --bridge-tokens and --repeats must be >= 1")
+    if min(args.users, args.tokens, args.repeats) < 1:
+        parser.error("--users, --tokens and --repeats must be >= 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    n_new = {b: args.bridge_tokens if b == "bridge" else args.tokens for b in backends}
-    configs, info = build_configs(backends, args.users, n_new, args.seed)
+    configs, info = build_configs(backends, args.users, args.tokens, args.seed)
     load_start = os.getloadavg()
     loads = measure(configs, args.repeats)
     body, notes = table(configs, info)
