@@ -127,7 +127,11 @@ def test_sweep_never_touches_heldout_items(
     result = run_sweep(tiny, users, [0, 1], [1.0], tmp_path, CONFIG, rs=(0.1,), progress=False)
     assert seen, "the spy saw no forward passes"
     assert not any(text in s for text in heldout_texts for s in seen)
-    assert json.loads((tmp_path / "best.json").read_text())["layer"] in (0, 1)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["layer"] in (0, 1)
+    cell = (result["layers"].index(best["layer"]), result["alphas"].index(best["alpha"]))
+    for method in ("baseline", "shared"):  # the controls at SteerX's chosen cell
+        assert best[f"{method}_nll_change"] == result["nll_change"][method][cell[0]][cell[1]]
     assert len(result["nll_change"]["steerx"]) == 2
     assert os.path.exists(tmp_path / "heatmap_steerx.png")
 

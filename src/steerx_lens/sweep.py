@@ -107,6 +107,9 @@ def run_sweep(
         "alpha": float(alphas[best_alpha]),
         "r": float(rs[best_r]),
         "validation_nll_change": float(steerx_by_r[best_r, best_layer, best_alpha]),
+        # the controls at the same cell: does SteerX's choice beat them?
+        "baseline_nll_change": float(grid["baseline"][best_layer, best_alpha]),
+        "shared_nll_change": float(grid["shared"][best_layer, best_alpha]),
     }
     result = {
         "layers": list(layers),
