@@ -286,6 +286,21 @@ def machine_info() -> list[str]:
     ]
 
 
+def write_results(
+    path: Path, header: list[str], body: str, notes: list[str], machine: list[str]
+) -> None:
+    """Write a results file: header, table, notes, then the machine it ran on (atomically)."""
+    footer = [
+        "",
+        *(f"Note: {note}" for note in notes),
+        *([""] if notes else []),
+        *machine,
+        "",
+    ]
+    write_text(path, "\n".join([*header, body, *footer]))
+    log(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=40, help="new tokens per generation")
@@ -339,18 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{' '.join(['benchmarks/bench_generation.py', *(argv or sys.argv[1:])])}`",
         "",
     ]
-    footer = [
-        "",
-        *(f"Note: {note}" for note in notes),
-        *([""] if notes else []),
-        "Machine:",
-        "",
-        *machine_info(),
-        f"- load average before the timed runs: {', '.join(f'{x:.2f}' for x in load_start)}",
-        "",
-    ]
-    write_text(args.out, "\n".join([*header, body, *footer]))
-    log(f"wrote {args.out}")
+    load = f"- load average before the timed runs: {', '.join(f'{x:.2f}' for x in load_start)}"
+    write_results(args.out, header, body, notes, ["Machine:", "", *machine_info(), load])
     return 0
 
 

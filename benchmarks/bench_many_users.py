@@ -34,12 +34,17 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch  # noqa: E402
-from bench_generation import canonical, decode_steps, log, machine_info  # noqa: E402
+from bench_generation import (  # noqa: E402
+    canonical,
+    decode_steps,
+    log,
+    machine_info,
+    write_results,
+)
 from jaxtyping import Int  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from steerx_lens import hooks  # noqa: E402
-from steerx_lens.atomic import write_text  # noqa: E402
 from steerx_lens.backends import get_adapter  # noqa: E402
 from steerx_lens.backends.base import eos_token_ids  # noqa: E402
 from steerx_lens.data import build_prompt  # noqa: E402
@@ -278,18 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{omp}{' '.join(['benchmarks/bench_many_users.py', *(argv or sys.argv[1:])])}`",
         "",
     ]
-    footer = [
-        "",
-        *(f"Note: {note}" for note in notes),
-        *([""] if notes else []),
-        "Machine (shared with other jobs: read the load average):",
-        "",
-        *machine_info(),
-        *load_lines,
-        "",
-    ]
-    write_text(args.out, "\n".join([*header, body, *footer]))
-    log(f"wrote {args.out}")
+    machine = ["Machine (shared with other jobs: read the load average):", "", *machine_info()]
+    write_results(args.out, header, body, notes, [*machine, *load_lines])
     return 0
 
 
