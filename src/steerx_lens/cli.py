@@ -19,6 +19,14 @@ from steerx_lens.models import BACKENDS, load_demo_model, load_model_dir, load_t
 LAYER_HELP = "layer whose resid_post is steered (default: 40% of the depth, 12 on the demo model)"
 REMOTE_HELP = "off | local (nnsight's offline simulation of NDIF) | ndif (needs NDIF_API_KEY) | URL"
 MODEL_HELP = "a local model folder, or with --remote ndif a hub id (default: the demo model)"
+# Options shared by several commands.
+BackendOption = Annotated[str, typer.Option(help=f"one of {BACKENDS}")]
+RemoteOption = Annotated[str, typer.Option(help=REMOTE_HELP)]
+ModelOption = Annotated[str | None, typer.Option("--model", help=MODEL_HELP)]
+TinyOption = Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")]
+UsersOption = Annotated[int | None, typer.Option(help="only the first N users")]
+BackboneOption = Annotated[str, typer.Option(help="mean_diff | bipo | sae")]
+LayerOption = Annotated[int | None, typer.Option(help=LAYER_HELP)]
 app = typer.Typer(help="SteerX: disentangled activation steering for LLM personalization.")
 console = Console(stderr=True)
 
@@ -68,11 +76,11 @@ def chat_prompts(model: Any, prompts: list[str]) -> list[str]:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
-    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
+    backend: BackendOption = "hf",
     layer: Annotated[int, typer.Option(help="layer whose resid_post is steered")] = 10,
     alpha: Annotated[float, typer.Option(help="steering strength")] = 2.0,
     max_new_tokens: Annotated[int, typer.Option()] = 30,
-    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+    tiny: TinyOption = False,
 ) -> None:
     """A short steering demo on the demo model: unsteered vs steered continuations."""
     console.print(f"[bold]loading the {'tiny' if tiny else 'demo'} model on {backend}[/bold]")
@@ -142,14 +150,14 @@ def load_model(backend: str, tiny: bool, source: str | None = None, remote: str 
 def attribute(
     data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "synthetic",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/attribution"),
-    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
+    users: UsersOption = None,
     method: Annotated[str, typer.Option(help="patch | prompt")] = "patch",
     describer: Annotated[str, typer.Option(help="template | llm (the model itself)")] = "llm",
     layer_map: Annotated[bool, typer.Option(help="also draw a layers x tokens map")] = False,
-    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
-    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
-    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
-    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+    backend: BackendOption = "hf",
+    remote: RemoteOption = "off",
+    model_source: ModelOption = None,
+    tiny: TinyOption = False,
 ) -> None:
     """Causal token attribution for each user: ranked spans, description, HTML views."""
     from tqdm.auto import tqdm
@@ -211,16 +219,16 @@ def read_best(path: Path | None) -> dict[str, Any]:
 def fit(
     data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "synthetic",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/fit"),
-    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
-    backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
-    layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
+    users: UsersOption = None,
+    backbone: BackboneOption = "mean_diff",
+    layer: LayerOption = None,
     alpha: Annotated[float, typer.Option(help="default steering strength")] = 1.0,
     mode: Annotated[str, typer.Option(help="steerx | baseline | both")] = "both",
     describer: Annotated[str, typer.Option(help="template | llm")] = "template",
-    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
-    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
-    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
-    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+    backend: BackendOption = "hf",
+    remote: RemoteOption = "off",
+    model_source: ModelOption = None,
+    tiny: TinyOption = False,
 ) -> None:
     """Fit SteerX and/or baseline vectors: one vector file per user and mode, plus fit.json."""
     from steerx_lens.data import load_users
@@ -270,10 +278,10 @@ def generate(
     prompt: Annotated[str, typer.Option(help="the user message")],
     alpha: Annotated[float | None, typer.Option(help="strength (default: the vector's)")] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 60,
-    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
-    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
-    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
-    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+    backend: BackendOption = "hf",
+    remote: RemoteOption = "off",
+    model_source: ModelOption = None,
+    tiny: TinyOption = False,
 ) -> None:
     """Print a steered completion of PROMPT."""
     from steerx_lens.data import build_prompt
@@ -290,25 +298,25 @@ def generate(
 def evaluate(
     data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "health_tweets",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/eval"),
-    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
-    backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
-    layer: Annotated[int | None, typer.Option(help=LAYER_HELP)] = None,
+    users: UsersOption = None,
+    backbone: BackboneOption = "mean_diff",
+    layer: LayerOption = None,
     alpha: Annotated[float, typer.Option(help="steering strength")] = 1.0,
     r: Annotated[float | None, typer.Option(help="strength of SteerX's personal part")] = None,
     best: Annotated[Path | None, typer.Option(help="best.json from `steerx sweep`")] = None,
     generations: Annotated[bool, typer.Option(help="also score greedy generations")] = True,
     max_new_tokens: Annotated[int, typer.Option()] = 40,
     describer: Annotated[str, typer.Option(help="template | llm")] = "llm",
-    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
-    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
-    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
+    backend: BackendOption = "hf",
+    remote: RemoteOption = "off",
+    model_source: ModelOption = None,
     max_history: Annotated[
         int | None, typer.Option(help="keep each user's last N history items")
     ] = None,
     users_per_batch: Annotated[
         int, typer.Option(help="users evaluated together (shared forward batches)")
     ] = 8,
-    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+    tiny: TinyOption = False,
 ) -> None:
     """The SteerX experiment: fit, evaluate every method on held-out text, write the report."""
     from dataclasses import replace
@@ -364,18 +372,18 @@ def evaluate(
 def sweep(
     data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "health_tweets",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/sweep"),
-    users: Annotated[int | None, typer.Option(help="only the first N users")] = None,
+    users: UsersOption = None,
     layers: Annotated[str, typer.Option(help="start:stop:step or a comma list")] = "4:24:4",
     alphas: Annotated[str, typer.Option(help="comma list of strengths")] = "0.5,1,2",
     rs: Annotated[
         str, typer.Option(help="comma list of SteerX personal strengths r")
     ] = "0.05,0.1,0.15,0.2",
     n_validation: Annotated[int, typer.Option(help="validation items per user")] = 2,
-    backbone: Annotated[str, typer.Option(help="mean_diff | bipo | sae")] = "mean_diff",
-    backend: Annotated[str, typer.Option(help=f"one of {BACKENDS}")] = "hf",
-    remote: Annotated[str, typer.Option(help=REMOTE_HELP)] = "off",
-    model_source: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
-    tiny: Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")] = False,
+    backbone: BackboneOption = "mean_diff",
+    backend: BackendOption = "hf",
+    remote: RemoteOption = "off",
+    model_source: ModelOption = None,
+    tiny: TinyOption = False,
 ) -> None:
     """Layer × alpha (× r) sweep on validation items; writes best.json for `steerx eval`."""
     from steerx_lens.data import load_users
