@@ -125,7 +125,7 @@ class NNsightAdapter(ModelAdapter):
             site = self.resolve(name)
 
             def edit(act: Tensor, group: list[Intervention] = group) -> Tensor:
-                ctx = context(act).to(act.device)
+                ctx = context(act)  # each intervention moves it to the activation's device
                 for intervention in group:
                     if captured is not None and isinstance(intervention, Capture):
                         captured[intervention.site] = act.detach().clone()
@@ -183,8 +183,9 @@ class NNsightAdapter(ModelAdapter):
         interventions: Sequence[Intervention],
         output: Literal["logits", "scores", "activations"],
         grad: bool = False,
-    ) -> tuple[Any, dict[str, Tensor]]:
-        """One trace over ``batch``: the requested output and the captured activations."""
+    ) -> Any:
+        """One trace over ``batch``; returns the requested output (None for activations, which
+        land in the :class:`Capture` stores)."""
         interventions = [*self.active, *interventions]
         self.validate(interventions)
         if grad and self.remote:
@@ -213,23 +214,22 @@ class NNsightAdapter(ModelAdapter):
         for intervention in interventions:
             if isinstance(intervention, Capture):
                 intervention.store[intervention.site] = captured[intervention.site]
-        return result, captured
+        return result
 
     def forward(
         self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
     ) -> Float[Tensor, "batch pos vocab"]:
-        logits, _ = self._trace(batch, interventions, "logits", grad=grad)
-        return logits
+        return self._trace(batch, interventions, "logits", grad=grad)
 
     def score_next_tokens(self, batch: Batch, interventions: Sequence[Intervention]) -> TokenScores:
-        scores, _ = self._trace(batch, interventions, "scores")
-        return TokenScores(*scores)
+        return TokenScores(*self._trace(batch, interventions, "scores"))
 
     def activations(
         self, batch: Batch, interventions: Sequence[Intervention], sites: Sequence[str]
     ) -> dict[str, Float[Tensor, "batch pos d"]]:
         store: dict[str, Tensor] = {}
-        self._trace(batch, [*interventions, *(Capture(site, store) for site in sites)], "none")
+        captures = [Capture(site, store) for site in sites]
+        self._trace(batch, [*interventions, *captures], "activations")
         return store
 
     def generate(
