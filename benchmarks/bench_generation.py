@@ -45,7 +45,8 @@ from steerx_lens.backends.base import (  # noqa: E402
     finish_after_eos,
     pad_to_length,
 )
-from steerx_lens.models import BACKENDS, load_demo_model  # noqa: E402
+from steerx_lens.backends import BACKENDS  # noqa: E402
+from steerx_lens.models import load_demo_model  # noqa: E402
 
 SITE = "blocks.10.hook_resid_post"
 POSITIONS = "prompt_last_and_generated"

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from steerx_lens.models import BACKENDS, load_demo_model, load_tiny_model
+from steerx_lens.backends import BACKENDS
+from steerx_lens.models import load_demo_model, load_tiny_model
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -27,10 +27,10 @@ from steerx_lens import hooks
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import make_synthetic_users
 from steerx_lens.errors import BackendError
-from steerx_lens.experiment import Experiment
+from steerx_lens.evaluation.experiment import Experiment
 from steerx_lens.models import build_tiny_model_dir, load_tiny_model
 from steerx_lens.pipeline import SteerXConfig
-from steerx_lens.remote import (
+from steerx_lens.backends.remote import (
     RemoteConfigError,
     RemoteExecutionError,
     RemoteModelError,

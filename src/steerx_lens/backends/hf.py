@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,41 +20,51 @@ from steerx_lens.backends.base import (
     StepTracker,
     greedy_generate_kwargs,
     pad_to_length,
+    resid_mid_edit,
 )
-from steerx_lens.errors import BackendError
-from steerx_lens.hooks import Intervention, compose
+from steerx_lens.backends.layout import get_path, resolve_layout
+from steerx_lens.core import Intervention, compose
 
-LAYER_PATHS: tuple[str, ...] = ("model.layers", "transformer.h", "gpt_neox.layers", "layers")
-ATTN_NAMES: tuple[str, ...] = ("self_attn", "attn", "attention")
-
-
-def _get_path(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
+STACK = "transformers"
+"""The package a model of this backend comes from (detection is skipped until it is imported)."""
+SUPPORTS_DEVICE_MAP = True
 
 
-def find_layers_path(model: nn.Module) -> str:
-    """The attribute path of the decoder-layer list (``model.layers`` for Llama-like models)."""
-    for path in LAYER_PATHS:
-        try:
-            layers = _get_path(model, path)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList):
-            return path
-    raise BackendError(
-        f"cannot find the decoder layers of {type(model).__name__}; supported layouts: "
-        f"{LAYER_PATHS}"
+def matches(model: Any) -> bool:
+    """Whether ``model`` is a ``transformers`` causal LM (checked after every other backend)."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def make_adapter(model: Any, tokenizer: Any) -> ModelAdapter:
+    """The adapter of a ``transformers`` model."""
+    return HFAdapter(model, tokenizer)
+
+
+def load_hf_model(
+    folder: Path, dtype: torch.dtype, device: str | torch.device, device_map: Any
+) -> nn.Module:
+    """A local HF folder as a ``transformers`` causal LM in eval mode, never from a hub."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, device_map=device_map, local_files_only=True
     )
+    if device_map is None:
+        model.to(device)
+    return model.eval()
 
 
-def find_child(layer: nn.Module, names: Sequence[str], what: str) -> str:
-    """The first of ``names`` that ``layer`` has as an attribute; :class:`BackendError` if none."""
-    for name in names:
-        if hasattr(layer, name):
-            return name
-    raise BackendError(f"cannot find the {what} module of {type(layer).__name__} (tried {names})")
+def load(
+    folder: Path,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    device_map: Any = None,
+) -> nn.Module:
+    """Load a local HF folder on this backend."""
+    return load_hf_model(folder, dtype, device, device_map)
 
 
 def position_ids_for(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
@@ -93,9 +104,8 @@ class HFAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
         super().__init__(model, tokenizer)
-        self.layers_path = find_layers_path(model)
-        self.layers: nn.ModuleList = _get_path(model, self.layers_path)
-        self.attn_name = find_child(self.layers[0], ATTN_NAMES, "attention")
+        self.layout = resolve_layout(model)
+        self.layers: nn.ModuleList = get_path(model, self.layout.layers)
 
     @property
     def n_layers(self) -> int:
@@ -147,11 +157,10 @@ class HFAdapter(ModelAdapter):
         if site.kind == "hook_resid_post":
             return [layer.register_forward_hook(output_hook)]
         if site.kind == "hook_mlp_out":
-            return [layer.mlp.register_forward_hook(output_hook)]
-        attention = getattr(layer, self.attn_name)
+            return [getattr(layer, self.layout.mlp).register_forward_hook(output_hook)]
+        attention = getattr(layer, self.layout.attention)
         if site.kind == "hook_attn_out":
             return [attention.register_forward_hook(output_hook)]
-        # hook_resid_mid = resid_pre + attn_out: edit the sum, hand back the difference.
         stash: dict[str, Tensor] = {}
 
         def remember_resid_pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -159,8 +168,7 @@ class HFAdapter(ModelAdapter):
 
         def mid_hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
             attn_out, rebuild = _split_output(output)
-            resid_pre = stash.pop("resid_pre")
-            return rebuild(edit(resid_pre + attn_out) - resid_pre)
+            return rebuild(resid_mid_edit(edit, stash.pop("resid_pre"))(attn_out))
 
         return [
             layer.register_forward_pre_hook(remember_resid_pre, with_kwargs=True),

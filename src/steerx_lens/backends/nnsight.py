@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import nnsight
@@ -19,19 +20,50 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steerx_lens import remote as remote_config
+from steerx_lens.backends import remote as remote_config
 from steerx_lens.backends.base import (
     Batch,
     ModelAdapter,
     finish_after_eos,
     greedy_generate_kwargs,
     pad_to_length,
+    resid_mid_edit,
+    weights_digest,
 )
-from steerx_lens.backends.hf import ATTN_NAMES, _get_path, find_child, find_layers_path
+from steerx_lens.backends.hf import load_hf_model
+from steerx_lens.backends.layout import get_path, resolve_layout
+from steerx_lens.backends.remote import RemoteMode
+from steerx_lens.core import Capture, HookContext, Intervention, TokenScores, next_token_scores
 from steerx_lens.errors import BackendError
-from steerx_lens.hooks import Capture, HookContext, Intervention, TokenScores, next_token_scores
-from steerx_lens.models import weights_digest
-from steerx_lens.remote import RemoteMode
+
+STACK = "nnsight"
+SUPPORTS_DEVICE_MAP = True
+
+
+def matches(model: Any) -> bool:
+    """Whether ``model`` is an nnsight envoy (e.g. ``TransformersModel``)."""
+    from nnsight.intervention.envoy import Envoy
+
+    return isinstance(model, Envoy)
+
+
+def make_adapter(model: Any, tokenizer: Any) -> ModelAdapter:
+    """The adapter of an nnsight model (local until ``remote`` is set)."""
+    return NNsightAdapter(model, tokenizer)
+
+
+def load(
+    folder: Path,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    device_map: Any = None,
+) -> Any:
+    """A local HF folder wrapped as an nnsight ``TransformersModel`` (local execution)."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    hf_model = load_hf_model(folder, dtype, device, device_map)
+    return TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
 
 
 class NNsightAdapter(ModelAdapter):
@@ -47,10 +79,7 @@ class NNsightAdapter(ModelAdapter):
     def __init__(self, model: Any, tokenizer: Any, remote: Any = False) -> None:
         super().__init__(model, tokenizer)
         self.hf_model = model._module
-        self.layers_path = find_layers_path(self.hf_model)
-        self.attn_name = find_child(
-            _get_path(self.hf_model, self.layers_path)[0], ATTN_NAMES, "attention"
-        )
+        self.layout = resolve_layout(self.hf_model)
         self.remote: RemoteMode = False
         self._fingerprint: str | None = None
         self.set_remote(remote)
@@ -60,8 +89,13 @@ class NNsightAdapter(ModelAdapter):
         self.remote = remote_config.prepare(self.model, remote)
 
     @property
+    def torch_module(self) -> Any:
+        """The HF model the envoy wraps (its parameters are the weights)."""
+        return self.hf_model
+
+    @property
     def n_layers(self) -> int:
-        return len(_get_path(self.hf_model, self.layers_path))
+        return len(get_path(self.hf_model, self.layout.layers))
 
     @property
     def d_model(self) -> int:
@@ -87,7 +121,7 @@ class NNsightAdapter(ModelAdapter):
         if self._fingerprint is None:
             weight = self.embedding_weight()
             if weight.device.type == "meta":
-                embed = _get_path(self.model, self._embed_path())
+                embed = get_path(self.model, self._embed_path())
                 with (
                     torch.no_grad(),
                     remote_config.translated_errors(self.remote, "the model fingerprint"),
@@ -99,7 +133,7 @@ class NNsightAdapter(ModelAdapter):
         return self._fingerprint
 
     def _layer(self, index: int) -> Any:
-        return _get_path(self.model, self.layers_path)[index]
+        return get_path(self.model, self.layout.layers)[index]
 
     # ---------------------------------------------------------------- interventions in a trace
     def intervene_in_trace(
@@ -134,7 +168,7 @@ class NNsightAdapter(ModelAdapter):
                 return act
 
             if site.kind == "hook_embed":
-                envoy = _get_path(self.model, self._embed_path())
+                envoy = get_path(self.model, self._embed_path())
                 envoy.output = edit(envoy.output)
                 continue
             layer = self._layer(site.layer)
@@ -143,16 +177,15 @@ class NNsightAdapter(ModelAdapter):
             elif site.kind == "hook_resid_post":
                 layer.output = _map_first(layer.output, edit)
             elif site.kind == "hook_mlp_out":
-                layer.mlp.output = _map_first(layer.mlp.output, edit)
+                mlp = getattr(layer, self.layout.mlp)
+                mlp.output = _map_first(mlp.output, edit)
             elif site.kind == "hook_attn_out":
-                attention = getattr(layer, self.attn_name)
+                attention = getattr(layer, self.layout.attention)
                 attention.output = _map_first(attention.output, edit)
             else:  # hook_resid_mid
                 before = resid_pre[site.layer] if site.layer in resid_pre else layer.input
-                attention = getattr(layer, self.attn_name)
-                attention.output = _map_first(
-                    attention.output, lambda out, before=before: edit(before + out) - before
-                )
+                attention = getattr(layer, self.layout.attention)
+                attention.output = _map_first(attention.output, resid_mid_edit(edit, before))
 
     def _embed_path(self) -> str:
         return self._module_path(self.hf_model.get_input_embeddings())
@@ -198,7 +231,7 @@ class NNsightAdapter(ModelAdapter):
         )
         inputs = self._inputs(batch)
         ids = batch.input_ids
-        unembed = _get_path(self.model, self._module_path(self.hf_model.get_output_embeddings()))
+        unembed = get_path(self.model, self._module_path(self.hf_model.get_output_embeddings()))
         result = None
         with (
             torch.set_grad_enabled(grad),

@@ -10,23 +10,70 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steerx_lens.backends import patches
 from steerx_lens.backends.base import (
     Batch,
     ModelAdapter,
-    Site,
     eos_token_ids,
     greedy_decode,
-    parse_site,
-    unknown_site,
+    resid_mid_edit,
 )
-from steerx_lens.backends.hf import hf_generate, install_tracker, position_ids_for
-from steerx_lens.hooks import Intervention, compose
+from steerx_lens.backends.hf import load_hf_model
+from steerx_lens.core import Intervention, Site, compose, parse_site, unknown_site
+
+STACK = "transformer_lens"
+SUPPORTS_DEVICE_MAP = False
+
+
+def matches(model: Any) -> bool:
+    """Whether ``model`` is a ``HookedTransformer``."""
+    from transformer_lens import HookedTransformer
+
+    return isinstance(model, HookedTransformer)
+
+
+def make_adapter(model: Any, tokenizer: Any) -> ModelAdapter:
+    """The adapter of a ``HookedTransformer``."""
+    return HookedTransformerAdapter(model, tokenizer)
+
+
+def load(
+    folder: Path,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    device_map: Any = None,
+) -> Any:
+    """A local HF folder as a ``HookedTransformer`` (TransformerLens 3.x), offline.
+
+    ``from_pretrained`` refuses names outside TL's official list, so the folder is added to it;
+    the weights come from the HF model loaded here, and BOS is not prepended (the plain
+    tokenizer the adapter keeps gives every backend the same token ids).
+    """
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    hf_model = load_hf_model(folder, dtype, device, None)
+    name = str(folder)
+    if name not in loading.OFFICIAL_MODEL_NAMES:
+        loading.OFFICIAL_MODEL_NAMES.append(name)
+    model = HookedTransformer.from_pretrained_no_processing(
+        name,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        default_prepend_bos=False,
+    )
+    return model.eval()
+
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
@@ -60,7 +107,7 @@ class _TLAdapterBase(ModelAdapter):
         site = self.resolve(name)
         return site.order if site.kind != "native" else (site.layer, 99)
 
-    # Sites whose hook point cannot be edited in place are emulated (see BridgeAdapter).
+    # Sites whose hook point cannot be edited in place are emulated (see the bridge backend).
     emulate_resid_mid = False
 
     def _fwd_hooks(self, interventions: list[Intervention]) -> list[tuple[str, Any]]:
@@ -92,15 +139,14 @@ class _TLAdapterBase(ModelAdapter):
 
 
 def _resid_mid_hooks(layer: int, edit: Any) -> list[tuple[str, Any]]:
-    """``resid_mid = resid_pre + attn_out``: edit the sum at ``hook_attn_out``."""
+    """``hook_resid_mid`` edited through ``hook_resid_pre`` + ``hook_attn_out``."""
     stash: dict[str, Tensor] = {}
 
     def remember(act: Tensor, hook: Any) -> None:
         stash["resid_pre"] = act
 
     def edit_sum(act: Tensor, hook: Any) -> Tensor:
-        resid_pre = stash.pop("resid_pre")
-        return edit(resid_pre + act) - resid_pre
+        return resid_mid_edit(edit, stash.pop("resid_pre"))(act)
 
     return [
         (f"blocks.{layer}.hook_resid_pre", remember),
@@ -108,59 +154,20 @@ def _resid_mid_hooks(layer: int, edit: Any) -> list[tuple[str, Any]]:
     ]
 
 
-# For each TL weight name: the dimension order in which TL's forward reads it as a matrix.
-# Storing the weight as a permuted view of a tensor contiguous in that order turns TL's
-# per-forward ``.T.contiguous()`` / ``einops.rearrange`` copies into free views.
-_READ_ORDER: dict[str, tuple[int, ...]] = {
-    "W_gate": (1, 0),
-    "W_in": (1, 0),
-    "W_out": (1, 0),
-    "W_U": (1, 0),
-    "W_Q": (0, 2, 1),
-    "W_K": (0, 2, 1),
-    "W_V": (0, 2, 1),
-    "_W_K": (0, 2, 1),
-    "_W_V": (0, 2, 1),
-    "W_O": (2, 0, 1),
-}
-
-
-def relayout_weights(model: Any) -> int:
-    """Store TL's linear weights in the memory layout its forward reads (values unchanged).
-
-    TransformerLens 3.9 runs ``F.linear(x, W.T.contiguous())`` on the MLP and unembedding weights
-    and rearranges the attention weights on every forward: full weight copies that took ~62% of
-    decoding time on the demo model (the 49152×576 unembedding alone is ~113 MB per token).
-    After the re-layout those reads are views and the layout equals HF's ``nn.Linear``.
-    Returns the number of weights re-laid out.
-    """
-    count = 0
-    with torch.no_grad():
-        for module in model.modules():
-            for name, order in _READ_ORDER.items():
-                weight = module._parameters.get(name) if hasattr(module, "_parameters") else None
-                if weight is None or weight.ndim != len(order):
-                    continue
-                if weight.permute(order).is_contiguous():
-                    continue
-                inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
-                weight.data = weight.data.permute(order).contiguous().permute(inverse)
-                count += 1
-    return count
-
-
 class HookedTransformerAdapter(_TLAdapterBase):
     """Adapter for ``transformer_lens.HookedTransformer`` (3.x).
 
     On construction the MLP and unembedding weights are re-laid out in memory
-    (:func:`relayout_weights`: same values, no per-forward weight copies).
+    (:func:`~steerx_lens.backends.patches.relayout_weights`: same values, no per-forward weight
+    copies; opt out with ``patches.disable("tl_weight_layout")``).
     """
 
     name = "transformer_lens"
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         super().__init__(model, tokenizer)
-        relayout_weights(model)
+        if patches.is_enabled("tl_weight_layout"):
+            patches.relayout_weights(model)
 
     def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
         return self.model.W_E
@@ -214,67 +221,3 @@ class HookedTransformerAdapter(_TLAdapterBase):
         eos = eos_token_ids(None, self.tokenizer)
         with self.apply(interventions), torch.no_grad():
             return greedy_decode(step, batch, max_new_tokens, eos, self.pad_token_id)
-
-
-class BridgeAdapter(_TLAdapterBase):
-    """Adapter for ``transformer_lens.model_bridge.TransformerBridge``.
-
-    The bridge runs the wrapped HF model, so the step context is tracked on the HF model and
-    generation is HF ``generate`` with the KV cache (after :func:`fix_bridge_kv_cache`).
-    """
-
-    name = "bridge"
-    # The bridge's hook_resid_mid aliases the second layer norm's input: editing it does not
-    # reach the residual stream, so it is emulated through resid_pre + attn_out.
-    emulate_resid_mid = True
-
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        fix_bridge_kv_cache()
-        super().__init__(model, tokenizer)
-
-    def embedding_weight(self) -> Float[Tensor, "vocab d_model"]:
-        return self.model.original_model.get_input_embeddings().weight
-
-    def _install_tracker(self) -> Any:
-        return install_tracker(self.model.original_model, self.tracker)
-
-    def forward(
-        self, batch: Batch, interventions: Sequence[Intervention], grad: bool = False
-    ) -> Float[Tensor, "batch pos vocab"]:
-        with self.apply(interventions), torch.set_grad_enabled(grad):
-            return self.model(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=position_ids_for(batch.attention_mask),
-                use_cache=False,
-            )
-
-    def generate(
-        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
-    ) -> Int[Tensor, "batch total"]:
-        """HF ``generate`` on the bridged model, KV-cached (see :func:`fix_bridge_kv_cache`)."""
-        return hf_generate(self, self.model.original_model, batch, interventions, max_new_tokens)
-
-
-def fix_bridge_kv_cache() -> None:
-    """Make TransformerLens 3.9's bridge attention fill the KV cache under transformers 5.x.
-
-    transformers 5 hands the cache to each attention layer as ``cache=``; the bridge's
-    ``AttentionBridge._update_kv_cache`` only reads ``past_key_values`` / ``layer_past``, so the
-    cache stayed empty and every cached decoding step attended to itself alone (measured on
-    SmolLM2: logits ~22 off, garbage text). The shim passes ``cache`` on under the old name;
-    with it a cached step matches a full forward (1e-7 on the tiny model). Idempotent.
-    """
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    original = AttentionBridge._update_kv_cache
-    if getattr(original, "steerx_cache_fix", False):
-        return
-
-    def update_kv_cache(self: Any, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-            kwargs["past_key_values"] = kwargs["cache"]
-        return original(self, k, v, **kwargs)
-
-    update_kv_cache.steerx_cache_fix = True  # type: ignore[attr-defined]
-    AttentionBridge._update_kv_cache = update_kv_cache

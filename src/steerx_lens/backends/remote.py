@@ -92,7 +92,7 @@ def model_key(model: Any) -> str:
     if source and Path(source).exists():
         raise RemoteModelError(
             f"the model was loaded from the local folder {source!r}; NDIF runs models by their "
-            "hub id: load it with steerx_lens.remote.load_remote_model('org/name'), or use "
+            "hub id: load it with steerx_lens.backends.remote.load_remote_model('org/name'), or use "
             "remote='local' to run this model through the remote code path offline"
         )
     try:
@@ -100,7 +100,7 @@ def model_key(model: Any) -> str:
     except Exception as error:  # nnsight raises hub validation errors of several kinds
         raise RemoteModelError(
             f"nnsight cannot name this model for NDIF ({type(error).__name__}: {error}); load "
-            "it by its hub id with steerx_lens.remote.load_remote_model"
+            "it by its hub id with steerx_lens.backends.remote.load_remote_model"
         ) from error
 
 
