@@ -24,11 +24,12 @@ import torch  # noqa: E402
 
 from steerx_lens import hooks  # noqa: E402
 from steerx_lens.attribution import (  # noqa: E402
-    DEFAULT_BATCH_SIZE,
+    AttributionConfig,
     UserAttribution,
     attribute_user,
     prepare_items,
 )
+from steerx_lens.attribution.config import DEFAULT_BATCH_SIZE  # noqa: E402
 from steerx_lens.data import UserHistory, make_synthetic_users  # noqa: E402
 from steerx_lens.models import load_demo_model  # noqa: E402
 
@@ -73,7 +74,8 @@ def main() -> None:
             lengths = [len(s.input_ids) for s in prepare_items(model.tokenizer, user)]
             n_rows = rows_per_user(user, method, args.k)
             start = time.perf_counter()
-            result = attribute_user(model, user, users, method=method, k_counterfactual=args.k)
+            config = AttributionConfig(method=method, k_counterfactual=args.k)
+            result = attribute_user(model, user, users, config)
             elapsed = time.perf_counter() - start
             baseline = forward_seconds(model, n_rows, max(lengths))
             precision = precision_at_k(result, user.meta["markers"])

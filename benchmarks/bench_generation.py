@@ -38,14 +38,16 @@ from torch import Tensor  # noqa: E402
 
 from steerx_lens import hooks  # noqa: E402
 from steerx_lens.atomic import write_text  # noqa: E402
-from steerx_lens.backends import get_adapter  # noqa: E402
+from steerx_lens.backends import (
+    BACKENDS,  # noqa: E402
+    get_adapter,  # noqa: E402
+)
 from steerx_lens.backends.base import (  # noqa: E402
     Batch,
     eos_token_ids,
     finish_after_eos,
     pad_to_length,
 )
-from steerx_lens.backends import BACKENDS  # noqa: E402
 from steerx_lens.models import load_demo_model  # noqa: E402
 
 SITE = "blocks.10.hook_resid_post"

@@ -45,12 +45,14 @@ from jaxtyping import Int  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from steerx_lens import hooks  # noqa: E402
-from steerx_lens.backends import get_adapter  # noqa: E402
+from steerx_lens.backends import (
+    BACKENDS,  # noqa: E402
+    get_adapter,  # noqa: E402
+)
 from steerx_lens.backends.base import eos_token_ids  # noqa: E402
-from steerx_lens.data import build_prompt  # noqa: E402
-from steerx_lens.backends import BACKENDS  # noqa: E402
 from steerx_lens.models import load_demo_model  # noqa: E402
 from steerx_lens.pipeline import stacked_steer  # noqa: E402
+from steerx_lens.text import build_prompt  # noqa: E402
 from steerx_lens.vectors import SteeringVector  # noqa: E402
 
 SITE = "blocks.12.hook_resid_post"

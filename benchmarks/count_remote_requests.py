@@ -21,7 +21,7 @@ from nnsight.intervention.backends.local import LocalSimulationBackend
 from steerx_lens.atomic import write_text
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import make_synthetic_users
-from steerx_lens.evaluate import encode_for_eval, token_nll
+from steerx_lens.evaluation.metrics import encode_for_eval, token_nll
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import SteerX, SteerXConfig
 

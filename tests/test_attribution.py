@@ -11,7 +11,7 @@ import torch
 
 from steerx_lens import hooks
 from steerx_lens.attribution import (
-    Selection,
+    AttributionConfig,
     Span,
     TokenEffects,
     UserAttribution,
@@ -25,8 +25,9 @@ from steerx_lens.attribution import (
     token_effects,
 )
 from steerx_lens.backends import get_adapter
-from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users, prompt_and_response
+from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users
 from steerx_lens.models import load_demo_model, load_tiny_model
+from steerx_lens.text import prompt_and_response
 
 TOL = 1e-4
 EXACT_SITES = ("hook_embed", "blocks.0.hook_resid_pre")
@@ -66,7 +67,7 @@ def assert_patch_equals_counterfactual_run(model: Any, users: list[UserHistory])
     for seq in sequences:
         context = counterfactual_contexts(tokenizer, seq.context_len, "other_users", users[1:2])[0]
         clean_rows.append(seq.input_ids)
-        cf_rows.append(seq.with_context(context))
+        cf_rows.append(seq.with_context(context).input_ids)
     assert cf_rows[0] != clean_rows[0]
     clean, cf = _batch(clean_rows, adapter.pad_token_id), _batch(cf_rows, adapter.pad_token_id)
     width = clean["input_ids"].shape[1]
@@ -120,8 +121,8 @@ def test_layer_zero_row_equals_default_effects(tiny: Any, users: list[UserHistor
 def test_batched_equals_unbatched(
     tiny: Any, users: list[UserHistory], options: dict[str, Any]
 ) -> None:
-    batched = token_effects(tiny, users[1], users, batch_size=8, **options)
-    single = token_effects(tiny, users[1], users, batch_size=1, **options)
+    batched = token_effects(tiny, users[1], users, AttributionConfig(batch_size=8, **options))
+    single = token_effects(tiny, users[1], users, AttributionConfig(batch_size=1, **options))
     assert len(batched) == len(users[1].history)
     for a, b in zip(batched, single, strict=True):
         assert torch.equal(a.token_ids, b.token_ids)
@@ -131,8 +132,10 @@ def test_batched_equals_unbatched(
 
 
 def test_prob_measure_is_a_probability_difference(tiny: Any, users: list[UserHistory]) -> None:
-    probs = token_effects(tiny, users[1], counterfactual="neutral", measure="prob")
-    logps = token_effects(tiny, users[1], counterfactual="neutral")
+    probs = token_effects(
+        tiny, users[1], config=AttributionConfig(counterfactual="neutral", measure="prob")
+    )
+    logps = token_effects(tiny, users[1], config=AttributionConfig(counterfactual="neutral"))
     for p, lp in zip(probs, logps, strict=True):
         expected = p.logp_user.exp() - p.logp_counterfactual.exp()  # one neutral context
         assert torch.allclose(p.effects, expected, atol=1e-7)
@@ -149,8 +152,9 @@ def test_transformer_lens_backend_matches_hf(tiny: Any, users: list[UserHistory]
     fitted = prepare_items(get_adapter(tiny).tokenizer, short[0], TINY_CONTEXT)
     assert all(seq.context_len > 0 and seq.n_dropped == 0 for seq in fitted)
     for options in ({}, {"sites": ["blocks.1.hook_resid_pre"]}):
-        reference = token_effects(tiny, short[0], short, max_context_tokens=TINY_CONTEXT, **options)
-        got = token_effects(tl, short[0], short, max_context_tokens=TINY_CONTEXT, **options)
+        config = AttributionConfig(max_context_tokens=TINY_CONTEXT, **options)
+        reference = token_effects(tiny, short[0], short, config)
+        got = token_effects(tl, short[0], short, config)
         for a, b in zip(reference, got, strict=True):
             assert (a.effects - b.effects).abs().max() <= TOL
             assert a.effects.abs().max() > 1e-3
@@ -216,9 +220,10 @@ def test_single_item_is_an_error(tiny: Any, users: list[UserHistory]) -> None:
 def test_no_population_is_an_error_unless_neutral(tiny: Any, users: list[UserHistory]) -> None:
     with pytest.raises(ValueError, match="population"):
         attribute_user(tiny, users[0], [users[0]])
-    neutral = token_effects(tiny, users[0], counterfactual="neutral")
+    neutral = token_effects(tiny, users[0], config=AttributionConfig(counterfactual="neutral"))
     assert len(neutral) == len(users[0].history)
-    assert len(token_effects(tiny, users[0], method="prompt")) == len(users[0].history)
+    prompt = token_effects(tiny, users[0], config=AttributionConfig(method="prompt"))
+    assert len(prompt) == len(users[0].history)
 
 
 def test_long_items_drop_history_then_truncate(tiny: Any, users: list[UserHistory]) -> None:
@@ -229,7 +234,7 @@ def test_long_items_drop_history_then_truncate(tiny: Any, users: list[UserHistor
     budget = max(lengths) - 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fitted = token_effects(tiny, user, users, max_context_tokens=budget)
+        fitted = token_effects(tiny, user, users, AttributionConfig(max_context_tokens=budget))
     dropped = [w for w in caught if "dropped the oldest" in str(w.message)]
     assert len(dropped) == 1
     sequences = prepare_items(get_adapter(tiny).tokenizer, user, budget)
@@ -243,7 +248,9 @@ def test_long_items_drop_history_then_truncate(tiny: Any, users: list[UserHistor
     budget = 60
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        effects = token_effects(tiny, user_long, users, max_context_tokens=budget)
+        effects = token_effects(
+            tiny, user_long, users, AttributionConfig(max_context_tokens=budget)
+        )
     messages = " | ".join(str(w.message) for w in caught)
     assert "truncated" in messages and "dropped the oldest" in messages
     seq = prepare_items(get_adapter(tiny).tokenizer, user_long, budget)[0]
@@ -252,16 +259,20 @@ def test_long_items_drop_history_then_truncate(tiny: Any, users: list[UserHistor
     assert effects[0].effects.abs().max() == 0  # no history fits: no effect
 
     with pytest.raises(ValueError, match="prompt alone"):
-        token_effects(tiny, user_long, users, max_context_tokens=3)
+        token_effects(tiny, user_long, users, AttributionConfig(max_context_tokens=3))
 
 
 def test_bad_options_are_errors(tiny: Any, users: list[UserHistory]) -> None:
     with pytest.raises(ValueError, match="counterfactual"):
-        token_effects(tiny, users[0], users, counterfactual="random")  # type: ignore[arg-type]
+        AttributionConfig(counterfactual="random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sites"):
-        token_effects(tiny, users[0], users, method="prompt", sites=["hook_embed"])
+        AttributionConfig(method="prompt", sites=["hook_embed"])
+    with pytest.raises(ValueError, match="selection rule"):
+        AttributionConfig(rule="best")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size"):
+        AttributionConfig(batch_size=0)
     with pytest.raises(KeyError, match="out of range"):
-        token_effects(tiny, users[0], users, sites=["blocks.9.hook_resid_pre"])
+        token_effects(tiny, users[0], users, AttributionConfig(sites=["blocks.9.hook_resid_pre"]))
 
 
 # ------------------------------------------------------------------------------- (5) pure rules
@@ -317,13 +328,13 @@ def test_aggregate_spans_ranks_by_frequency_times_mean_effect() -> None:
         _item(1, ["A", " dog", ".", " Cheers", ",", " Sam", "!"], [0, 4, 0, 8, 0, 0, 0]),
         _item(2, ["A", " cat", ".", " cheers"], [0, 2, 0, 6]),
     ]
-    spans = aggregate_spans(items, Selection())
+    spans = aggregate_spans(items)
     assert [s.text for s in spans] == ["Cheers", "dog", "cat"]  # "The" is a stop-word
     assert spans[0] == Span("Cheers", pytest.approx((10 + 8 + 6) / 3), 3)
     assert spans[1].score == pytest.approx(4 / 3) and spans[2].count == 1
-    keep_the = aggregate_spans(items, Selection(stopwords=frozenset()))
+    keep_the = aggregate_spans(items, AttributionConfig(stopwords=frozenset()))
     assert "The" in [s.text for s in keep_the]
-    top1 = aggregate_spans(items, Selection(rule="topk", k=1))
+    top1 = aggregate_spans(items, AttributionConfig(rule="topk", top_k=1))
     assert [s.text for s in top1] == ["Cheers"]
 
 
@@ -348,7 +359,7 @@ def test_prompt_and_patch_agree_on_the_signoff(
     user = next(u for u in users if "signoff" in u.meta["marker_kinds"])
     marker = user.meta["markers"][user.meta["marker_kinds"].index("signoff")]
     patch = demo_attributions[user.user_id].items
-    prompt = token_effects(demo, user, users, method="prompt")
+    prompt = token_effects(demo, user, users, AttributionConfig(method="prompt"))
     checked = 0
     for a, b in zip(patch, prompt, strict=True):
         output = user.history[a.item_index].output

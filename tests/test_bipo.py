@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from steerx_lens import data, hooks
+from steerx_lens import hooks, text
 from steerx_lens.backbones.bipo import (
     BiPOConfig,
     BiPOResult,
@@ -231,7 +231,7 @@ def test_demo_sign_off_vector_raises_held_out_sign_off(demo_models: dict[str, An
         ("How can I sleep better?", "Keep a regular schedule."),
     ]
     pairs = [
-        PreferencePair(data.build_prompt(tokenizer, q, system=system), a + " Cheers, Sam!", a)
+        PreferencePair(text.build_prompt(tokenizer, q, system=system), a + " Cheers, Sam!", a)
         for q, a in items
     ]
     config = BiPOConfig(steps=30, batch_size=2)
@@ -239,7 +239,7 @@ def test_demo_sign_off_vector_raises_held_out_sign_off(demo_models: dict[str, An
     result = train_bipo(model, site, pairs, config, progress=False)
     seconds = time.perf_counter() - start
 
-    held_out = data.build_prompt(tokenizer, "What is your favourite season?", system=system)
+    held_out = text.build_prompt(tokenizer, "What is your favourite season?", system=system)
     prefix, sign_off = response_token_ids(
         tokenizer, held_out + "Autumn, for the colours.", " Cheers"
     )

@@ -1,4 +1,4 @@
-"""Tests of steerx_lens.data: schema and JSONL I/O, adapters, synthetic data, prompts."""
+"""Tests of steerx_lens.data: schema and JSONL I/O, the source registry, the sources."""
 
 from __future__ import annotations
 
@@ -11,32 +11,19 @@ from typing import Any
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
-from transformers import AutoTokenizer
 
 from steerx_lens import data
 from steerx_lens.data import (
+    SOURCES,
     HistoryItem,
     UserHistory,
-    build_prompt,
     load_users,
     make_synthetic_users,
-    prompt_and_response,
     read_users,
+    register_source,
     save_users,
 )
-from steerx_lens.models import build_tiny_model_dir, demo_model_dir
-
-
-@pytest.fixture(scope="module")
-def plain_tokenizer() -> Any:
-    """The tiny test tokenizer: no chat template."""
-    return AutoTokenizer.from_pretrained(str(build_tiny_model_dir()))
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer() -> Any:
-    """The demo model's tokenizer (SmolLM2 chat template); builds the demo cache if needed."""
-    return AutoTokenizer.from_pretrained(str(demo_model_dir()))
+from steerx_lens.data.sources import health_tweets, stackexchange
 
 
 def _user() -> UserHistory:
@@ -135,7 +122,7 @@ def test_synthetic_marker_prob_and_limits() -> None:
 
 
 def test_stackexchange_beer_file() -> None:
-    path = data.shared_data_dir() / data.STACKEXCHANGE_BEER_FILE
+    path = data.shared_data_dir() / stackexchange.STACKEXCHANGE_BEER_FILE
     if not path.exists():
         pytest.skip(f"shared Stack Exchange file not found at {path}")
     users = load_users("stackexchange_beer", n_users=3)
@@ -150,7 +137,7 @@ def test_stackexchange_beer_file() -> None:
     assert item.meta["id"] == raw_item["id"]
     assert first.meta["license"] == "CC BY-SA 3.0"
     longest = max(len(i.input) - len(r["question_title"]) for i, r in _pairs(users, path))
-    assert longest <= data.SE_BODY_CHARS + 3  # "\n\n" + body (cut) + "…"
+    assert longest <= stackexchange.SE_BODY_CHARS + 3  # "\n\n" + body (cut) + "…"
     assert load_users(path, n_users=1)[0].history == first.history  # format detected by path
 
 
@@ -203,46 +190,6 @@ def test_lamp_adapter(tmp_path: Path) -> None:
         load_users(path)
 
 
-def test_build_prompt_plain(plain_tokenizer: Any) -> None:
-    assert plain_tokenizer.chat_template is None
-    assert build_prompt(plain_tokenizer, "Why?") == "Question: Why?\nAnswer:"
-    with_system = build_prompt(plain_tokenizer, "Why?", system="Be brief.")
-    assert with_system == "Be brief.\n\nQuestion: Why?\nAnswer:"
-    history = [HistoryItem("a", "first\ntext"), HistoryItem("b", "second")]
-    prompt = build_prompt(plain_tokenizer, "Why?", history)
-    assert prompt == (
-        "Question: Here are previous texts by this user:\n- first text\n- second\n\n"
-        "Now respond to: Why?\nAnswer:"
-    )
-    _, full = prompt_and_response(plain_tokenizer, HistoryItem("Why?", "Because."))
-    assert full == "Question: Why?\nAnswer: Because."
-
-
-def test_build_prompt_chat(chat_tokenizer: Any) -> None:
-    history = [HistoryItem("a", "Cheers, Sam!")]
-    prompt = build_prompt(chat_tokenizer, "Why?", history, system="Be brief.")
-    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    assert "<|im_start|>user\nHere are previous texts by this user:\n- Cheers, Sam!" in prompt
-    assert prompt.endswith("Now respond to: Why?<|im_end|>\n<|im_start|>assistant\n")
-    _, full = prompt_and_response(chat_tokenizer, HistoryItem("Why?", "Because."))
-    assert full.endswith("<|im_start|>assistant\nBecause.")
-
-
-@pytest.mark.parametrize("which", ["plain_tokenizer", "chat_tokenizer"])
-def test_prompt_tokens_prefix_full_text(which: str, request: pytest.FixtureRequest) -> None:
-    tokenizer = request.getfixturevalue(which)
-    item = HistoryItem("How should I store beer?", "Cool and dark. Cheers, Sam!")
-    history = [HistoryItem("q", "Hoppy ales are great.")]
-    prompt, full = prompt_and_response(tokenizer, item, history)
-    assert full.startswith(prompt) and full.endswith(item.output)
-    assert tokenizer.eos_token not in full[len(prompt) :]
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    full_ids = tokenizer(full, add_special_tokens=False).input_ids
-    assert full_ids[: len(prompt_ids)] == prompt_ids
-    response = tokenizer.decode(full_ids[len(prompt_ids) :])
-    assert response.strip() == item.output
-
-
 def test_health_tweets_two_accounts() -> None:
     users = load_users("health_tweets", n_users=2, n_history=5, n_heldout=2)
     assert [u.user_id for u in users] == list(data.HEALTH_ACCOUNTS[:2])
@@ -254,9 +201,9 @@ def test_health_tweets_two_accounts() -> None:
         assert ids == sorted(ids) and len(set(i.output for i in items)) == len(items)
         for item in items:
             assert not url.search(item.output), item.output
-            assert len(item.input.split()) == data.HEALTH_PROMPT_WORDS
+            assert len(item.input.split()) == health_tweets.HEALTH_PROMPT_WORDS
             assert "#" not in item.input and "@" not in item.input
-    everything = data._health_tweets()
+    everything = health_tweets._health_tweets()
     assert len(everything) == 16
     for tweets in everything.values():
         texts = [t for _, t in tweets]
@@ -266,9 +213,21 @@ def test_health_tweets_two_accounts() -> None:
 
 def test_clean_tweet() -> None:
     text = "RT @x: Q&amp;A on flu http://t.co/abc and on.fb.me/tq9 http:/…"
-    assert data.clean_tweet(text) == "RT @x: Q&A on flu and"
+    assert health_tweets.clean_tweet(text) == "RT @x: Q&A on flu and"
 
 
 def test_unknown_source() -> None:
     with pytest.raises(FileNotFoundError, match="not a built-in source"):
         load_users("no_such_dataset")
+
+
+def test_registered_source_is_loaded_by_name() -> None:
+    def two_users(n_users: int | None = None, seed: int = 0) -> list[UserHistory]:
+        return make_synthetic_users(n_users=2, seed=seed)[:n_users]
+
+    register_source("two_synthetic", two_users)
+    try:
+        assert load_users("two_synthetic", seed=1) == make_synthetic_users(n_users=2, seed=1)
+        assert [u.user_id for u in load_users("two_synthetic", n_users=1)] == ["synthetic-00"]
+    finally:
+        del SOURCES["two_synthetic"]

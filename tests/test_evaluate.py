@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from steerx_lens import hooks
+from steerx_lens.attribution import Span
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import UserHistory, make_synthetic_users
-from steerx_lens.evaluate import (
+from steerx_lens.evaluation.experiment import Experiment
+from steerx_lens.evaluation.metrics import (
     ALL_METHODS,
     encode_for_eval,
     generation_scores,
     paired_stats,
     token_nll,
 )
-from steerx_lens.experiment import Experiment
+from steerx_lens.evaluation.results import GenerationScores, MethodScores, UserRecord
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import SteerXConfig
 from steerx_lens.sweep import parse_layers, run_sweep
@@ -41,10 +43,10 @@ def users() -> list[UserHistory]:
 
 def test_generation_scores_on_hand_checked_cases() -> None:
     perfect = generation_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
-    assert perfect == {"rouge1": 100.0, "rougeL": 100.0, "bleu": pytest.approx(100.0)}
+    assert perfect.as_dict() == {"rouge1": 100.0, "rougeL": 100.0, "bleu": pytest.approx(100.0)}
     half = generation_scores(["the cat"], ["the dog"])
-    assert half["rouge1"] == pytest.approx(50.0) and half["rougeL"] == pytest.approx(50.0)
-    assert generation_scores(["xyz"], ["the dog"])["rouge1"] == 0.0
+    assert half.rouge1 == pytest.approx(50.0) and half.rougeL == pytest.approx(50.0)
+    assert generation_scores(["xyz"], ["the dog"]).rouge1 == 0.0
 
 
 def test_paired_stats_on_hand_checked_cases() -> None:
@@ -95,7 +97,8 @@ def test_eval_writes_the_documented_schema_and_resumes(
     assert set(on_disk["stats"]["personalization_margin"]) == {"baseline", "steerx"}
     assert (tmp_path / "report.md").read_text().startswith("# SteerX evaluation report")
     assert (tmp_path / "methods.png").exists() and (tmp_path / "margins.png").exists()
-    assert metrics["methods"] == on_disk["methods"]
+    assert metrics.to_json() == on_disk
+    first_run = (tmp_path / "metrics.json").read_bytes()
 
     files = sorted((tmp_path / "users").iterdir())
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
@@ -106,6 +109,50 @@ def test_eval_writes_the_documented_schema_and_resumes(
             assert f.exists()
         else:
             assert f.stat().st_mtime_ns == stamps[f.name], "a finished user was recomputed"
+    # resumed users are read back into typed records and written out unchanged
+    assert (tmp_path / "metrics.json").read_bytes() == first_run
+
+
+def test_user_records_round_trip_through_json() -> None:
+    generation = GenerationScores(rouge1=50.0, rougeL=40.0, bleu=10.0)
+    record = UserRecord(
+        user_id="u",
+        config_key="key",
+        n_heldout_tokens=10,
+        n_pref_tokens=2,
+        description=None,
+        top_spans=[Span(" Cheers", 1.5, 2)],
+        n_swapped_tokens=3,
+        steerx_fallback=False,
+        scores={
+            "none": MethodScores(2.0, None, generation),
+            "steerx_other": MethodScores(1.0, 3.0),
+        },
+        generations={"none": ["hello"]},
+    )
+    data = json.loads(json.dumps(record.to_json()))
+    assert list(data) == [
+        "user_id",
+        "config_key",
+        "n_heldout_tokens",
+        "n_pref_tokens",
+        "description",
+        "top_spans",
+        "n_swapped_tokens",
+        "steerx_fallback",
+        "none",
+        "steerx_other",
+        "generations",
+    ]
+    assert data["none"] == {
+        "nll": 2.0,
+        "nll_pref": None,
+        "rouge1": 50.0,
+        "rougeL": 40.0,
+        "bleu": 10.0,
+    }
+    assert data["top_spans"] == [{"text": " Cheers", "score": 1.5, "count": 2}]
+    assert UserRecord.from_json(data, ALL_METHODS) == record
 
 
 def test_sweep_never_touches_heldout_items(
@@ -142,7 +189,7 @@ def test_parse_layers() -> None:
 
 
 def test_preference_masks_shorter_than_the_item_cover_its_first_tokens() -> None:
-    from steerx_lens.experiment import _pooled_nll
+    from steerx_lens.evaluation.experiment import _pooled_nll
 
     nll = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert _pooled_nll([nll]) == 2.5

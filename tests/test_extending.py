@@ -134,3 +134,24 @@ def test_weight_layout_patch_changes_layout_not_values() -> None:
     relaid = load_tiny_model("transformer_lens")
     assert relaid.W_U.T.is_contiguous()
     assert torch.allclose(hooks.run(relaid, ["Hello world"]), logits, atol=1e-6)
+
+
+def test_data_source_example_registers_a_source(monkeypatch) -> None:
+    import steerx_lens.data.sources as sources
+
+    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
+    run_example("data-source")
+    assert "notes" in sources.SOURCES
+    users = sources.load_users("notes", 1)
+    assert [u.user_id for u in users] == ["ann"]
+    assert users[0].heldout[0].output == "Autumn, obviously. Cheers, Ann!"
+
+
+def test_backbone_example_runs_through_steerx(monkeypatch) -> None:
+    import steerx_lens.backbones as backbones
+
+    monkeypatch.setattr(backbones, "BACKBONES", dict(backbones.BACKBONES))
+    namespace = run_example("backbone")
+    fitted = next(iter(namespace["fit"].users.values()))
+    assert fitted.steerx.extra["fallback"] or fitted.n_swapped_tokens > 0
+    assert not torch.equal(fitted.baseline.vector, fitted.steerx.vector)

@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
-from steerx_lens import experiment as experiment_module
 from steerx_lens import hooks
 from steerx_lens.backends import get_adapter
-from steerx_lens.data import HistoryItem, UserHistory, build_prompt, make_synthetic_users
-from steerx_lens.evaluate import GENERATION_METHODS, encode_for_eval, token_nll
-from steerx_lens.experiment import Experiment, _mean, _pooled_nll
+from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users
+from steerx_lens.evaluation import experiment as experiment_module
+from steerx_lens.evaluation.experiment import Experiment, _mean, _pooled_nll
+from steerx_lens.evaluation.metrics import GENERATION_METHODS, encode_for_eval, token_nll
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import FitResult, SteerXConfig, stacked_steer
+from steerx_lens.text import build_prompt
 from steerx_lens.vectors import SteeringVector
 
 CONFIG = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256)
@@ -79,7 +80,8 @@ def test_users_batched_together_get_the_numbers_they_get_alone(
     tokenizer = get_adapter(tiny).tokenizer
     for user in users:
         record = together[user.user_id]
-        assert_same(record, experiment.evaluate_users([user], fit)[user.user_id], user.user_id)
+        alone_record = experiment.evaluate_users([user], fit)[user.user_id]
+        assert_same(record.to_json(), alone_record.to_json(), user.user_id)
         mine = fit.users[user.user_id]
         others = [fit.users[uid] for uid in fit.users if uid != user.user_id]
         history = experiment.prompt_history(user)
@@ -90,11 +92,12 @@ def test_users_batched_together_get_the_numbers_they_get_alone(
             "baseline_other": _mean([alone_nll(tiny, user, o.baseline) for o in others]),
         }
         for method, nll in expected.items():
-            assert record[method]["nll"] == pytest.approx(nll, abs=TOLERANCE), method
+            assert record.scores[method].nll == pytest.approx(nll, abs=TOLERANCE), method
         prompts = [build_prompt(tokenizer, item.input) for item in user.heldout]
         steer = stacked_steer([mine.steerx] * len(prompts))
         alone = hooks.generate(tiny, prompts, steer, max_new_tokens=MAX_NEW_TOKENS)
-        assert record["generations"]["steerx"] == [text.strip() for text in alone.texts]
+        assert record.generations is not None
+        assert record.generations["steerx"] == [text.strip() for text in alone.texts]
 
 
 def test_rows_of_different_users_share_one_forward_call(

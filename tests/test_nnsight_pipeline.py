@@ -18,7 +18,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import UserHistory, make_synthetic_users
-from steerx_lens.evaluate import encode_for_eval, token_nll
+from steerx_lens.evaluation.metrics import encode_for_eval, token_nll
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import FitResult, SteerX, SteerXConfig
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from steerx_lens.backbones import BACKBONES, get_backbone, register_backbone
 from steerx_lens.data import UserHistory, make_synthetic_users
 from steerx_lens.errors import SteerXError
+from steerx_lens.evidence import UserEvidence
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import FitResult, Population, SteerX, SteerXConfig, stacked_steer
 from steerx_lens.vectors import SteeringVector
@@ -67,7 +70,7 @@ def test_other_backbones_run_in_both_modes(
 ) -> None:
     sae = None
     if backbone == "sae":
-        from steerx_lens.backbones.sae import train_demo_sae
+        from steerx_lens.backbones.sae_training import train_demo_sae
 
         tl = load_tiny_model("transformer_lens")
         corpus = [f"{i.input} {i.output}" for u in users for i in u.history] * 8
@@ -129,3 +132,55 @@ def test_stacked_steer_refuses_mixed_sites(fitted: FitResult) -> None:
         stacked_steer([vector, elsewhere])
     steer = stacked_steer([vector, vector * 2.0], alpha=3.0)
     assert torch.allclose(steer.vector[1], 6.0 * vector.vector)
+
+
+def test_unknown_backbone_is_refused_with_the_registered_names(tiny: Any) -> None:
+    with pytest.raises(ValueError, match=r"unknown backbone 'nope'; registered: .*mean_diff"):
+        quick(tiny, backbone="nope")
+
+
+def test_a_backbone_registered_from_outside_runs_through_steerx(
+    tiny: Any, users: list, fitted: FitResult
+) -> None:
+    def flipped(model: Any, site: str, chosen: Any, rejected: Any, **options: Any) -> Any:
+        """The mean difference with the sides swapped."""
+        return -get_backbone("mean_diff")(model, site, chosen, rejected, **options)
+
+    register_backbone("flipped", flipped)
+    try:
+        result = quick(tiny, backbone="flipped").fit_many(users)
+    finally:
+        del BACKBONES["flipped"]
+    for user_id, user_fit in result.users.items():
+        assert user_fit.baseline.backbone == "flipped"
+        assert torch.allclose(user_fit.baseline.vector, -fitted.users[user_id].baseline.vector)
+    assert torch.allclose(result.population.shared.vector, -fitted.population.shared.vector)
+
+
+def test_evidence_is_reused_at_another_site_and_round_trips(
+    tiny: Any, users: list, tmp_path: Path
+) -> None:
+    pipeline = quick(tiny, swap_threshold=0.0)  # the random model's effects are tiny
+    at_1 = pipeline.fit_many(users)
+    at_0 = pipeline.fit_many(users, site="blocks.0.hook_resid_post", evidence=at_1.evidence)
+    assert pipeline.config.layer == 1
+    fresh = SteerX(tiny, replace(pipeline.config, layer=0), progress=False).fit_many(users)
+    assert sum(f.n_swapped_tokens for f in at_0.users.values()) > 0
+    for user_id, user_fit in at_0.users.items():
+        assert user_fit.steerx.site == "blocks.0.hook_resid_post"
+        assert torch.equal(user_fit.baseline.vector, fresh.users[user_id].baseline.vector)
+        assert torch.equal(user_fit.steerx.vector, fresh.users[user_id].steerx.vector)
+        population = at_0.population
+        again = user_fit.steerx_at(
+            population.shared, pipeline.config.alpha, pipeline.config.r, population.residual_norm
+        )
+        assert torch.equal(again.vector, user_fit.steerx.vector)
+    user_id = users[0].user_id
+    path = at_1.evidence[user_id].save(tmp_path / "evidence.safetensors")
+    loaded = UserEvidence.load(path)
+    assert loaded.pairs == at_1.evidence[user_id].pairs
+    assert loaded.negatives == at_1.evidence[user_id].negatives
+    assert loaded.attribution.spans == at_1.evidence[user_id].attribution.spans
+    reloaded = SteerX(tiny, pipeline.config, progress=False).vectors(loaded, at_0.population)
+    assert torch.equal(reloaded.steerx.vector, at_0.users[user_id].steerx.vector)
+    assert reloaded.description == at_0.users[user_id].description

@@ -25,11 +25,6 @@ from nnsight.modeling import huggingface
 
 from steerx_lens import hooks
 from steerx_lens.backends import get_adapter
-from steerx_lens.data import make_synthetic_users
-from steerx_lens.errors import BackendError
-from steerx_lens.evaluation.experiment import Experiment
-from steerx_lens.models import build_tiny_model_dir, load_tiny_model
-from steerx_lens.pipeline import SteerXConfig
 from steerx_lens.backends.remote import (
     RemoteConfigError,
     RemoteExecutionError,
@@ -37,6 +32,11 @@ from steerx_lens.backends.remote import (
     load_remote_model,
     translate,
 )
+from steerx_lens.data import make_synthetic_users
+from steerx_lens.errors import BackendError
+from steerx_lens.evaluation.experiment import Experiment
+from steerx_lens.models import build_tiny_model_dir, load_tiny_model
+from steerx_lens.pipeline import SteerXConfig
 
 PROMPTS = ["Hello world, how are you?", "Cheers"]
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

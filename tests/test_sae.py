@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["WANDB_MODE"] = "disabled"
-
 import shutil
 import time
 from collections.abc import Iterator
@@ -18,7 +14,7 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
 from steerx_lens import hooks
-from steerx_lens.backbones import sae as sae_backbone
+from steerx_lens.backbones import sae_training
 from steerx_lens.backbones.sae import (
     FINGERPRINT_KEY,
     SAELoadError,
@@ -29,8 +25,8 @@ from steerx_lens.backbones.sae import (
     load_sae,
     project_vector,
     top_features,
-    train_demo_sae,
 )
+from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import load_users, make_synthetic_users
 from steerx_lens.errors import BackendError, ModelMismatchError, UnknownSiteError, VectorShapeError
@@ -129,8 +125,9 @@ def test_other_settings_get_their_own_cache_entry(
 
 
 def test_force_and_corrupt_cache_retrain_atomically(
-    sae: Any, tiny: Any, corpus: list[str], sae_cache: Path
+    sae: Any, tiny: Any, corpus: list[str], sae_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     weights = cached_folder(sae_cache) / "sae_weights.safetensors"
     weights.write_bytes(b"not safetensors")
     # a corrupt entry is re-trained
@@ -141,6 +138,18 @@ def test_force_and_corrupt_cache_retrain_atomically(
     assert weights.stat().st_mtime_ns != mtime
     assert torch.equal(forced.W_dec, sae.W_dec)
     assert [p.name for p in sae_cache.iterdir()] == [weights.parent.name]
+    assert "WANDB_MODE" not in os.environ  # set only while SAELens trained
+
+
+def test_training_environment_is_restored_and_keeps_the_users_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with sae_training._environment(sae_training.TRAINING_ENVIRONMENT):
+        assert os.environ["WANDB_MODE"] == "disabled"
+        assert os.environ["HF_HUB_OFFLINE"] == "0"
+    assert "WANDB_MODE" not in os.environ and os.environ["HF_HUB_OFFLINE"] == "0"
 
 
 def test_cache_serves_every_backend_but_training_needs_hooked_transformer(
@@ -299,11 +308,11 @@ def test_top_features_rank_by_mean_activation() -> None:
 def test_demo_sae_reconstructs_heldout_tweets(one_thread: None) -> None:
     """Train (or load) a small SAE at layer 12 of the demo model; report quality on held-out text."""
     model = load_demo_model("transformer_lens")
-    assert sae_backbone._demo_fingerprint() == get_adapter(model).fingerprint()
+    assert sae_training._demo_fingerprint() == get_adapter(model).fingerprint()
     start = time.perf_counter()
     sae = train_demo_sae(12, d_sae=1024, n_tokens=50_000, model=model)
     seconds = time.perf_counter() - start
-    heldout = sae_backbone.heldout_corpus()[:96]
+    heldout = sae_training.heldout_corpus()[:96]
     ev = explained_variance(model, sae, heldout)
     acts = feature_activations(model, sae, heldout[:16])
     real = acts.abs().sum(-1) > 0

@@ -10,7 +10,7 @@ import torch
 
 from steerx_lens.attribution import token_texts
 from steerx_lens.data import HistoryItem, make_synthetic_users
-from steerx_lens.evaluate import encode_for_eval, token_nll
+from steerx_lens.evaluation.metrics import encode_for_eval, token_nll
 from steerx_lens.models import load_demo_model
 from steerx_lens.pipeline import FitResult, SteerX, SteerXConfig
 from steerx_lens.vectors import SteeringVector

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from steerx_lens import hooks
 from steerx_lens.atomic import safe_filename, write_text
-from steerx_lens.backends import get_adapter
-from steerx_lens.models import BACKENDS, load_demo_model, load_model_dir, load_tiny_model
+from steerx_lens.backends import REGISTRY, get_adapter
+from steerx_lens.demo import DEMO_PROMPTS, chat_prompts, contrast_vector
+from steerx_lens.models import load_demo_model, load_model_dir, load_tiny_model
 
 LAYER_HELP = "layer whose resid_post is steered (default: 40% of the depth, 12 on the demo model)"
 REMOTE_HELP = "off | local (nnsight's offline simulation of NDIF) | ndif (needs NDIF_API_KEY) | URL"
 MODEL_HELP = "a local model folder, or with --remote ndif a hub id (default: the demo model)"
 # Options shared by several commands.
-BackendOption = Annotated[str, typer.Option(help=f"one of {BACKENDS}")]
+BackendOption = Annotated[str, typer.Option(help=f"one of {tuple(REGISTRY)}")]
 RemoteOption = Annotated[str, typer.Option(help=REMOTE_HELP)]
 ModelOption = Annotated[str | None, typer.Option("--model", help=MODEL_HELP)]
 TinyOption = Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")]
@@ -29,48 +30,6 @@ BackboneOption = Annotated[str, typer.Option(help="mean_diff | bipo | sae")]
 LayerOption = Annotated[int | None, typer.Option(help=LAYER_HELP)]
 app = typer.Typer(help="SteerX: disentangled activation steering for LLM personalization.")
 console = Console(stderr=True)
-
-# A contrast that is easy to see in a 135M model: enthusiastic vs. flat statements.
-POSITIVE_TEXTS = [
-    "Wow, this is absolutely amazing! I love it so much!",
-    "What a fantastic, wonderful day! Everything is brilliant!",
-    "I'm thrilled, this is the best thing ever! Fantastic!",
-]
-NEGATIVE_TEXTS = [
-    "This is a statement about an object. It exists.",
-    "The day occurred. Events took place as scheduled.",
-    "I note the item. It is an item of the usual kind.",
-]
-DEMO_PROMPTS = [
-    "Tell me about your weekend.",
-    "What do you think of the new library?",
-    "Describe the weather today.",
-]
-
-
-def contrast_vector(model: Any, site: str) -> torch.Tensor:
-    """Mean-difference vector: mean activation over positive minus negative texts (all tokens)."""
-
-    def mean_activation(texts: list[str]) -> torch.Tensor:
-        batch = get_adapter(model).encode(texts)
-        acts = hooks.activations(model, batch, [site])
-        mask = batch.attention_mask.unsqueeze(-1).to(acts[site].dtype)
-        return (acts[site] * mask).sum(dim=(0, 1)) / mask.sum()
-
-    return mean_activation(POSITIVE_TEXTS) - mean_activation(NEGATIVE_TEXTS)
-
-
-def chat_prompts(model: Any, prompts: list[str]) -> list[str]:
-    """Wrap prompts in the tokenizer's chat template when it has one."""
-    tokenizer = get_adapter(model).tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        return prompts
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
 
 
 @app.command()
@@ -122,8 +81,8 @@ def load_model(backend: str, tiny: bool, source: str | None = None, remote: str 
     ``remote`` is ``off``, ``local`` (nnsight's offline simulation of remote execution),
     ``ndif`` or an http(s) host (the model then is the hub id given as ``source``).
     """
-    if backend not in BACKENDS:
-        raise typer.BadParameter(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in REGISTRY:
+        raise typer.BadParameter(f"unknown backend {backend!r}; choose one of {tuple(REGISTRY)}")
     is_host = remote.startswith(("http://", "https://"))
     if remote not in ("off", "local", "ndif") and not is_host:
         raise typer.BadParameter(f"--remote must be off, local, ndif or an http(s) host: {remote}")
@@ -132,7 +91,7 @@ def load_model(backend: str, tiny: bool, source: str | None = None, remote: str 
     if remote == "ndif" or is_host:
         if source is None:
             raise typer.BadParameter(f"--remote {remote} needs --model ORG/NAME (hosted on NDIF)")
-        from steerx_lens.remote import load_remote_model
+        from steerx_lens.backends.remote import load_remote_model
 
         return load_remote_model(source, remote=True if remote == "ndif" else remote)
     if source is not None:
@@ -162,18 +121,19 @@ def attribute(
     """Causal token attribution for each user: ranked spans, description, HTML views."""
     from tqdm.auto import tqdm
 
-    from steerx_lens.attribution import attribute_user, layer_effects
+    from steerx_lens.attribution import AttributionConfig, attribute_user, layer_effects
     from steerx_lens.data import load_users
     from steerx_lens.describe import LLMDescriber, TemplateDescriber, describe
     from steerx_lens.viz import save_attribution_html, save_layer_heatmap
 
+    settings = AttributionConfig(method=method)  # type: ignore[arg-type]
     population = load_users(data)
     chosen = population[:users] if users else population
     model = load_model(backend, tiny, model_source, remote)
     writer = LLMDescriber(model) if describer == "llm" else TemplateDescriber()
     records = []
     for user in tqdm(chosen, desc="attributing users"):
-        result = describe(attribute_user(model, user, population, method=method), writer)
+        result = describe(attribute_user(model, user, population, settings), writer)
         html_name = f"{safe_filename(user.user_id)}.html"
         save_attribution_html(result, out / html_name)
         record: dict[str, Any] = {
@@ -183,7 +143,7 @@ def attribute(
             "html": html_name,
         }
         if layer_map:
-            first = layer_effects(model, user, population)[0]
+            first = layer_effects(model, user, population, settings)[0]
             record["layer_map"] = save_layer_heatmap(
                 first, out / f"{safe_filename(user.user_id)}-layers.png"
             ).name
@@ -284,7 +244,7 @@ def generate(
     tiny: TinyOption = False,
 ) -> None:
     """Print a steered completion of PROMPT."""
-    from steerx_lens.data import build_prompt
+    from steerx_lens.text import build_prompt
     from steerx_lens.vectors import SteeringVector
 
     model = load_model(backend, tiny, model_source, remote)
@@ -322,7 +282,7 @@ def evaluate(
     from dataclasses import replace
 
     from steerx_lens.data import load_users
-    from steerx_lens.experiment import Experiment
+    from steerx_lens.evaluation.experiment import Experiment
 
     chosen = read_best(best)
     config = pipeline_config(
@@ -353,10 +313,10 @@ def evaluate(
         users_per_batch=users_per_batch,
     )
     metrics = experiment.run()
-    table = Table(title=f"held-out NLL ({len(metrics['per_user'])} users)")
+    table = Table(title=f"held-out NLL ({len(metrics.per_user)} users)")
     for column in ("method", "nll", "nll_pref"):
         table.add_column(column)
-    for method, values in metrics["methods"].items():
+    for method, values in metrics.methods.items():
         table.add_row(
             method,
             *(
@@ -429,6 +389,7 @@ def main() -> None:
     """Console entry point: a library error prints as one clear line and exits with status 1."""
     from steerx_lens.errors import SteerXError
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a program may set its own environment
     try:
         app()
     except SteerXError as error:

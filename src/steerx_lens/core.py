@@ -418,5 +418,3 @@ def next_token_scores(
     logp = logits[:, :-1].float().log_softmax(dim=-1)
     targets = input_ids[:, 1:].to(logp.device)
     return TokenScores(logp.gather(-1, targets[..., None])[..., 0], logp.argmax(dim=-1))
-
-

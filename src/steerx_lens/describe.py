@@ -16,7 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from steerx_lens import hooks
 from steerx_lens.attribution import Span, UserAttribution
+from steerx_lens.backends import get_adapter
+from steerx_lens.text import chat_prompt
 
 N_SPANS = 6
 SNIPPET_CHARS = 40
@@ -92,9 +95,10 @@ class TemplateDescriber:
 class LLMDescriber:
     """Prompt an instruct model (or any ``str -> str`` callable) for the description.
 
-    ``llm`` is either a model supported by :mod:`steerx_lens.hooks` (the prompt is wrapped in its
-    chat template and decoded greedily) or a callable taking the prompt text. An empty answer
-    falls back to :class:`TemplateDescriber`.
+    ``llm`` is either a model of any backend of :func:`steerx_lens.backends.get_adapter` (the
+    prompt is wrapped by :func:`steerx_lens.text.chat_prompt` and decoded greedily with
+    :func:`steerx_lens.hooks.generate`) or any other callable taking the prompt text. An empty
+    answer falls back to :class:`TemplateDescriber`.
     """
 
     def __init__(
@@ -114,21 +118,14 @@ class LLMDescriber:
         return self.template.format(evidence="\n".join(evidence_lines(attribution, self.n_spans)))
 
     def _complete(self, prompt: str) -> str:
-        if (
-            callable(self.llm)
-            and not hasattr(self.llm, "forward")
-            and not hasattr(self.llm, "trace")
-        ):
+        try:
+            tokenizer = get_adapter(self.llm).tokenizer
+        except TypeError:  # BackendError (no backend supports it) or not weak-referenceable
+            if not callable(self.llm):
+                raise
             return str(self.llm(prompt))
-        from steerx_lens import hooks
-        from steerx_lens.backends import get_adapter
-
-        tokenizer = get_adapter(self.llm).tokenizer
-        if getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        return hooks.generate(self.llm, [prompt], max_new_tokens=self.max_new_tokens).texts[0]
+        text = chat_prompt(tokenizer, prompt)
+        return hooks.generate(self.llm, [text], max_new_tokens=self.max_new_tokens).texts[0]
 
     def __call__(self, attribution: UserAttribution) -> str:
         if not attribution.spans:

@@ -1,4 +1,4 @@
-"""The SteerX pipeline: user → attribution → description → vectors (SteerX and baseline).
+"""The SteerX pipeline: user → evidence (attribution, description, ŷ, minimal pairs) → vectors.
 
 For every user two vectors of the chosen backbone are built at one site, so they can always be
 compared:
@@ -12,8 +12,15 @@ compared:
   context (teacher-forced, token count kept), and the component contrasts the user's text with
   that swapped twin. Only the preference-driven tokens differ inside a pair, so only the
   preference-driven signal enters. Scaled so that ``alpha · vector = alpha · v_shared +
-  r · ‖h‖ · v̂_mp`` (``‖h‖`` = median residual norm at the site). Users with no token above
-  the threshold fall back to the shared vector (``extra["fallback"]``).
+  r · ‖h‖ · v̂_mp`` (``‖h‖`` = median residual norm at the site; :func:`steerx_combination`).
+  Users with no token above the threshold fall back to the shared vector
+  (``extra["fallback"]``).
+
+The work splits by what depends on the layer. Per-user *evidence*
+(:class:`~steerx_lens.evidence.UserEvidence`: attribution, description, ŷ, minimal pairs;
+:meth:`SteerX.evidence`) does not, so it is computed once and reused. *Vectors at a site* are
+built from the evidence and a :class:`Population` at that site (:meth:`SteerX.build_population`,
+:meth:`SteerX.vectors`); the backbone is looked up in :data:`steerx_lens.backbones.BACKBONES`.
 
 This construction is a reconstruction (the paper's body was not available); it is the one that
 beat the shared vector in the feasibility study (DESIGN.md §1), see ``docs/method.md``.
@@ -22,8 +29,7 @@ beat the shared vector in the feasibility study (DESIGN.md §1), see ``docs/meth
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -36,39 +42,37 @@ from tqdm.auto import tqdm
 from steerx_lens import hooks
 from steerx_lens.atomic import write_text
 from steerx_lens.attribution import (
-    DEFAULT_K_COUNTERFACTUAL,
-    DEFAULT_MAX_CONTEXT_TOKENS,
-    TokenEffects,
+    AttributionConfig,
     UserAttribution,
     attribute_user,
-    encode_item,
 )
-from steerx_lens.backbones.mean_diff import (
-    EncodedText,
-    Pool,
-    mean_diff_vector,
-    minimal_pair_vector,
-    model_answers,
-    residual_norm,
-)
+from steerx_lens.attribution.config import DEFAULT_K_COUNTERFACTUAL, DEFAULT_MAX_CONTEXT_TOKENS
+from steerx_lens.backbones import Backbone, Sample, get_backbone
+from steerx_lens.backbones.mean_diff import Pool, model_answers, residual_norm
+from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
-from steerx_lens.data import HistoryItem, UserHistory, build_prompt, read_users, save_users
+from steerx_lens.data import HistoryItem, UserHistory, read_users, save_users
 from steerx_lens.describe import LLMDescriber, TemplateDescriber, describe
 from steerx_lens.errors import SteerXError
+from steerx_lens.evidence import MinimalPairs, UserEvidence, minimal_pairs
+from steerx_lens.text import build_prompt, encode_item
 from steerx_lens.vectors import SteeringVector
 
-Backbone = Literal["mean_diff", "bipo", "sae"]
 DEFAULT_DEPTH_FRACTION = 0.4
 NEUTRAL_ANSWER = "Thank you for your question. Here is a general answer that covers the basics."
 
 
 @dataclass(frozen=True)
 class SteerXConfig:
-    """Every documented default of the pipeline (see the module docstring)."""
+    """Every documented default of the pipeline (see the module docstring).
+
+    ``backbone`` is a name in :data:`steerx_lens.backbones.BACKBONES` (``"sae"`` = the mean
+    difference followed by SAE projection onto at most ``sae_k`` features).
+    """
 
     layer: int | None = None
     site_kind: str = "hook_resid_post"
-    backbone: Backbone = "mean_diff"
+    backbone: str = "mean_diff"
     pool: Pool = "response_mean"
     negatives: Literal["model", "neutral"] = "model"
     answer_tokens: int = 48
@@ -88,7 +92,11 @@ class SteerXConfig:
         """The canonical site name ``blocks.{layer}.{site_kind}``."""
         if self.layer is None:
             raise SteerXError("no layer chosen: call for_model(n_layers) or set layer=")
-        return f"blocks.{self.layer}.{self.site_kind}"
+        return self.site_at(self.layer)
+
+    def site_at(self, layer: int) -> str:
+        """The site of kind ``site_kind`` at ``layer`` (e.g. for a sweep over layers)."""
+        return f"blocks.{layer}.{self.site_kind}"
 
     def for_model(self, n_layers: int) -> SteerXConfig:
         """This config with ``layer=None`` resolved to 40% of the model's depth.
@@ -99,6 +107,24 @@ class SteerXConfig:
         if self.layer is not None:
             return self
         return replace(self, layer=round(DEFAULT_DEPTH_FRACTION * n_layers))
+
+
+def steerx_combination(
+    shared: Float[Tensor, " d_model"],
+    direction: Float[Tensor, " d_model"] | None,
+    *,
+    r: float,
+    residual_norm: float,
+    alpha: float,
+) -> Float[Tensor, " d_model"]:
+    """The SteerX vector ``shared + (r·‖h‖ / alpha)·v̂``: steering with ``alpha`` adds
+    ``alpha·shared + r·‖h‖·v̂``, so the personal part's strength does not depend on ``alpha``.
+
+    ``direction`` is the unit personal direction v̂; None (no minimal pair) gives ``shared``.
+    """
+    if direction is None:
+        return shared
+    return shared + (r * residual_norm / alpha) * direction
 
 
 @dataclass
@@ -115,13 +141,10 @@ class UserSteering:
     def steerx_at(
         self, shared: SteeringVector, alpha: float, r: float, norm: float
     ) -> SteeringVector:
-        """The SteerX vector for another ``alpha`` / ``r``: ``alpha·shared + r·‖h‖·v̂_mp``."""
-        personal = (
-            torch.zeros_like(shared.vector)
-            if self.personal_direction is None
-            else self.personal_direction
+        """The SteerX vector for another ``alpha`` / ``r`` (:func:`steerx_combination`)."""
+        vector = steerx_combination(
+            shared.vector, self.personal_direction, r=r, residual_norm=norm, alpha=alpha
         )
-        vector = shared.vector + (r * norm / alpha) * personal
         return replace(self.steerx, vector=vector, alpha=alpha, extra={**self.steerx.extra, "r": r})
 
     @property
@@ -132,14 +155,19 @@ class UserSteering:
 
 @dataclass
 class Population:
-    """What SteerX needs from other users: their histories (counterfactual contexts), the
-    shared vector and the residual-norm scale. Saved as ``users.jsonl`` + ``shared.safetensors``
-    + ``population.json``."""
+    """What SteerX needs from other users at one site: their histories (counterfactual
+    contexts), the shared vector and the residual-norm scale. Saved as ``users.jsonl`` +
+    ``shared.safetensors`` + ``population.json``."""
 
     users: list[UserHistory]
     shared: SteeringVector
     residual_norm: float
     baselines: dict[str, SteeringVector] = field(default_factory=dict)
+
+    @property
+    def site(self) -> str:
+        """The site the population's vectors are at."""
+        return self.shared.site
 
     def save(self, folder: str | Path) -> Path:
         """Write ``users.jsonl``, ``shared.safetensors`` and ``population.json`` into ``folder``."""
@@ -162,15 +190,18 @@ class Population:
 
 @dataclass
 class FitResult:
-    """:meth:`SteerX.fit_many` output: per-user results and the users that failed (why)."""
+    """:meth:`SteerX.fit_many` output: per-user results, the users that failed (why), and the
+    evidence of every user that has one (reusable at another site)."""
 
     population: Population
     users: dict[str, UserSteering]
     failures: dict[str, str]
+    evidence: dict[str, UserEvidence] = field(default_factory=dict)
 
 
 class SteerX:
-    """Fit SteerX and baseline vectors for users of one model at one site."""
+    """Fit SteerX and baseline vectors for users of one model (at the config's site unless a
+    site is given)."""
 
     def __init__(
         self,
@@ -190,18 +221,14 @@ class SteerX:
                 f"context of {limit} tokens; set SteerXConfig(max_context_tokens<={limit})"
             )
         self.adapter.resolve(self.config.site)
+        self.backbone: Backbone = get_backbone(self.config.backbone)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.sae = sae
         self.progress = progress
         self._answers: dict[str, str] = {}
         self._attributions: dict[tuple[str, tuple[str, ...]], UserAttribution] = {}
 
-    # ------------------------------------------------------------------ sequences
-    def encode(self, item: HistoryItem) -> EncodedText:
-        """Plain prompt (no history) ⊕ the item's output."""
-        ids, _, _, response_start = encode_item(self.adapter.tokenizer, item, [])
-        return EncodedText(ids, response_start)
-
+    # ------------------------------------------------------------------ evidence (no layer)
     def model_answers(self, items: Sequence[HistoryItem]) -> list[str]:
         """The model's own greedy answers ŷ to the items' prompts (memoised and disk-cached)."""
         missing = [item.input for item in items if item.input not in self._answers]
@@ -229,11 +256,79 @@ class SteerX:
             for item, y in zip(items, self.model_answers(items), strict=True)
         ]
 
-    # ------------------------------------------------------------------ vectors
-    def _vector(self, raw: Tensor, mode: str, user_id: str | None, **extra: Any) -> SteeringVector:
+    def attribute(self, user: UserHistory, population: Population) -> UserAttribution:
+        """Stage 1-3 for one user (memoised per user: attribution does not depend on the layer)."""
+        key = (user.user_id, tuple(item.output for item in user.history))
+        if key in self._attributions:
+            return self._attributions[key]
+        config = AttributionConfig(
+            k_counterfactual=self.config.k_counterfactual,
+            max_context_tokens=self.config.max_context_tokens,
+            batch_size=self.config.batch_size,
+            seed=self.config.seed,
+        )
+        attribution = attribute_user(self.model, user, population.users, config)
+        describer = (
+            LLMDescriber(self.model) if self.config.describer == "llm" else TemplateDescriber()
+        )
+        self._attributions[key] = describe(attribution, describer)
+        return self._attributions[key]
+
+    def minimal_pairs(self, user: UserHistory, attribution: UserAttribution) -> MinimalPairs:
+        """Each history text with a token above ``swap_threshold`` and its swapped twin."""
+        return minimal_pairs(
+            self.adapter.tokenizer, user, attribution.items, self.config.swap_threshold
+        )
+
+    def evidence(self, user: UserHistory, population: Population) -> UserEvidence:
+        """Attribution, description, ŷ and minimal pairs of one user: reusable at every site.
+
+        Only ``population.users`` (the counterfactual contexts) is read, not its vectors.
+        """
+        attribution = self.attribute(user, population)
+        negatives = self.negatives(user.history)
+        return UserEvidence(user, attribution, negatives, self.minimal_pairs(user, attribution))
+
+    # ------------------------------------------------------------------ vectors at a site
+    def backbone_options(self) -> dict[str, Any]:
+        """The options every backbone call gets; each backbone uses the ones it needs.
+
+        ``sae`` is a function ``site -> SAE`` (:meth:`_sae`), so an SAE is only trained or
+        loaded by a backbone that projects.
+        """
+        config = self.config
+        return {
+            "pool": config.pool,
+            "batch_size": config.batch_size,
+            "steps": config.bipo_steps,
+            "seed": config.seed,
+            "sae": self._sae,
+            "sae_k": config.sae_k,
+        }
+
+    def contrast(
+        self, chosen: Sequence[Sample], rejected: Sequence[Sample], site: str | None = None
+    ) -> Float[Tensor, " d_model"]:
+        """The backbone's vector at ``site`` (default: the config's) for paired samples.
+
+        In SteerX mode ``rejected`` are the minimal-pair twins, so only the swapped
+        (preference-driven) tokens separate the two sides.
+        """
+        site = site or self.config.site
+        return self.backbone(self.model, site, chosen, rejected, **self.backbone_options())
+
+    def _sae(self, site: str) -> Any:
+        """The SAE to project with: the one given, else the cached demo SAE at ``site``."""
+        if self.sae is None:
+            self.sae = train_demo_sae(site=site)
+        return self.sae
+
+    def _vector(
+        self, raw: Tensor, mode: str, user_id: str | None, site: str, **extra: Any
+    ) -> SteeringVector:
         return SteeringVector(
             raw.detach().float().cpu(),
-            self.config.site,
+            site,
             self.adapter.fingerprint(),
             backbone=self.config.backbone,
             mode=mode,  # type: ignore[arg-type]
@@ -242,58 +337,28 @@ class SteerX:
             extra=dict(extra),
         )
 
-    def contrast(
-        self, chosen: Sequence[HistoryItem], rejected: Sequence[HistoryItem]
-    ) -> Float[Tensor, " d_model"]:
-        """The backbone's vector for chosen vs rejected texts of the same prompts.
-
-        In SteerX mode ``rejected`` are the minimal-pair twins, so for BiPO the preference
-        margin is carried only by the swapped (preference-driven) tokens.
-        """
-        backbone = self.config.backbone
-        if backbone == "bipo":
-            from steerx_lens.backbones.bipo import BiPOConfig, PreferencePair, train_bipo
-
-            pairs = [
-                PreferencePair(
-                    build_prompt(self.adapter.tokenizer, good.input), good.output, bad.output
-                )
-                for good, bad in zip(chosen, rejected, strict=True)
-            ]
-            config = BiPOConfig(steps=self.config.bipo_steps, seed=self.config.seed)
-            return train_bipo(self.model, self.config.site, pairs, config, progress=False).vector
-        vector = mean_diff_vector(
-            self.model,
-            self.config.site,
-            [self.encode(item) for item in chosen],
-            [self.encode(item) for item in rejected],
-            self.config.pool,
-            self.config.batch_size,
-        )
-        if backbone == "sae":
-            from steerx_lens.backbones.sae import project_vector
-
-            return project_vector(vector, self._sae(), k=self.config.sae_k).vector
-        return vector
-
-    def _sae(self) -> Any:
-        """The SAE for ``backbone="sae"``: the one given, or the cached demo SAE at this site."""
-        from steerx_lens.backbones.sae import check_sae_fits, train_demo_sae
-
-        if self.sae is None:
-            self.sae = train_demo_sae(self.config.layer, site=self.config.site)
-        check_sae_fits(self.sae, self.model, self.config.site)
-        return self.sae
-
-    def baseline_vector(self, user: UserHistory) -> SteeringVector:
-        """Classic all-history steering: user's texts vs the negatives, every history item."""
+    def baseline_vector(
+        self,
+        user: UserHistory,
+        site: str | None = None,
+        negatives: Sequence[HistoryItem] | None = None,
+    ) -> SteeringVector:
+        """Classic all-history steering at ``site``: the user's texts vs ``negatives`` (default:
+        :meth:`negatives`), every history item."""
         if not user.history:
             raise SteerXError(f"user {user.user_id!r} has an empty history: nothing to fit")
-        raw = self.contrast(user.history, self.negatives(user.history))
-        return self._vector(raw, "baseline", user.user_id)
+        rejected = self.negatives(user.history) if negatives is None else negatives
+        site = site or self.config.site
+        raw = self.contrast(
+            [Sample(item) for item in user.history], [Sample(item) for item in rejected], site
+        )
+        return self._vector(raw, "baseline", user.user_id, site)
 
-    def build_population(self, users: Sequence[UserHistory]) -> Population:
-        """Baseline vectors of ``users`` → their mean (the shared vector) and the norm scale."""
+    def build_population(self, users: Sequence[UserHistory], site: str | None = None) -> Population:
+        """Baseline vectors of ``users`` at ``site`` → their mean (the shared vector) and the
+        residual-norm scale."""
+        site = site or self.config.site
+        self.adapter.resolve(site)
         usable = [user for user in users if user.history]
         if len(usable) < 2:
             raise SteerXError(
@@ -302,49 +367,53 @@ class SteerX:
             )
         baselines = {}
         for user in tqdm(usable, desc="baseline vectors", disable=not self.progress):
-            baselines[user.user_id] = self.baseline_vector(user)
+            baselines[user.user_id] = self.baseline_vector(user, site)
         shared = torch.stack([v.vector for v in baselines.values()]).mean(0)
-        texts = [self.encode(item) for user in usable for item in user.history[:4]]
-        norm = residual_norm(self.model, self.config.site, texts, self.config.batch_size)
+        tokenizer = self.adapter.tokenizer
+        texts = [encode_item(tokenizer, item) for user in usable for item in user.history[:4]]
+        norm = residual_norm(self.model, site, texts, self.config.batch_size)
         return Population(
             list(usable),
-            self._vector(shared, "shared", None, n_users=len(baselines)),
+            self._vector(shared, "shared", None, site, n_users=len(baselines)),
             norm,
             baselines,
         )
 
-    def minimal_pairs(
-        self, user: UserHistory, effects: Sequence[TokenEffects]
-    ) -> tuple[list[HistoryItem], list[HistoryItem], list[EncodedText], list[EncodedText], int]:
-        """Each item's text and its swapped twin (preference-driven tokens replaced)."""
-        tokenizer = self.adapter.tokenizer
-        originals, twins, encoded, encoded_twins, n_swapped = [], [], [], [], 0
-        for item_effects in effects:
-            item = user.history[item_effects.item_index]
-            original = self.encode(item)
-            response = original.input_ids[original.response_start :]
-            if (
-                item_effects.counterfactual_top is None
-                or response != item_effects.token_ids.tolist()
-            ):
-                warnings.warn(
-                    f"user {user.user_id!r} item {item_effects.item_index}: response tokens differ "
-                    "between the attribution and the plain prompt; item skipped",
-                    stacklevel=2,
-                )
-                continue
-            swap = item_effects.effects > self.config.swap_threshold
-            swap &= item_effects.counterfactual_top != item_effects.token_ids
-            if not bool(swap.any()):
-                continue
-            swapped = torch.where(swap, item_effects.counterfactual_top, item_effects.token_ids)
-            n_swapped += int(swap.sum())
-            twin_text = tokenizer.decode(swapped.tolist())
-            originals.append(item)
-            twins.append(HistoryItem(item.input, twin_text))
-            encoded.append(original)
-            encoded_twins.append(original.with_response(swapped.tolist()))
-        return originals, twins, encoded, encoded_twins, n_swapped
+    def personal_direction(
+        self, pairs: MinimalPairs, site: str
+    ) -> Float[Tensor, " d_model"] | None:
+        """The unit minimal-pair component v̂ at ``site`` (None when there is no pair)."""
+        if not pairs.originals:
+            return None
+        component = self.contrast(pairs.originals, pairs.twins, site)
+        return (component / component.norm()).detach().float().cpu()
+
+    def _steerx(
+        self, user_id: str, pairs: MinimalPairs, population: Population
+    ) -> tuple[SteeringVector, Tensor | None]:
+        """The SteerX vector at the population's site and the unit personal direction."""
+        site, r = population.site, self.config.r
+        direction = self.personal_direction(pairs, site)
+        raw = steerx_combination(
+            population.shared.vector,
+            direction,
+            r=r,
+            residual_norm=population.residual_norm,
+            alpha=self.config.alpha,
+        )
+        if direction is None:
+            return self._vector(raw, "steerx", user_id, site, fallback=True, r=r), None
+        vector = self._vector(
+            raw,
+            "steerx",
+            user_id,
+            site,
+            fallback=False,
+            r=r,
+            n_pairs=len(pairs.originals),
+            n_swapped_tokens=pairs.n_swapped_tokens,
+        )
+        return vector, direction
 
     def steerx_vector(
         self, user: UserHistory, attribution: UserAttribution, population: Population
@@ -353,90 +422,58 @@ class SteerX:
 
         Returns the vector, the number of swapped tokens and the unit personal direction.
         """
-        originals, twins, encoded, encoded_twins, n_swapped = self.minimal_pairs(
-            user, attribution.items
+        pairs = self.minimal_pairs(user, attribution)
+        vector, direction = self._steerx(user.user_id, pairs, population)
+        return vector, pairs.n_swapped_tokens, direction
+
+    def vectors(self, evidence: UserEvidence, population: Population) -> UserSteering:
+        """The user's baseline and SteerX vectors at the population's site, from its evidence."""
+        baseline = population.baselines.get(evidence.user_id) or self.baseline_vector(
+            evidence.user, population.site, evidence.negatives
         )
-        shared = population.shared.vector
-        if not encoded:
-            vector = self._vector(shared, "steerx", user.user_id, fallback=True, r=self.config.r)
-            return vector, 0, None
-        if self.config.backbone == "mean_diff":
-            component = minimal_pair_vector(
-                self.model,
-                self.config.site,
-                encoded,
-                encoded_twins,
-                self.config.pool,
-                self.config.batch_size,
-            )
-        else:
-            component = self.contrast(originals, twins)
-        direction = component / component.norm()
-        raw = shared + (self.config.r * population.residual_norm / self.config.alpha) * direction
-        vector = self._vector(
-            raw,
-            "steerx",
-            user.user_id,
-            fallback=False,
-            r=self.config.r,
-            n_pairs=len(encoded),
-            n_swapped_tokens=n_swapped,
+        steerx, direction = self._steerx(evidence.user_id, evidence.pairs, population)
+        description = evidence.description
+        return UserSteering(
+            evidence.user_id,
+            evidence.attribution,
+            replace(baseline, description=description),
+            replace(steerx, description=description),
+            evidence.pairs.n_swapped_tokens,
+            direction,
         )
-        return vector, n_swapped, direction.detach().float().cpu()
 
     # ------------------------------------------------------------------ users
-    def attribute(self, user: UserHistory, population: Population) -> UserAttribution:
-        """Stage 1-3 for one user (memoised per user: attribution does not depend on the layer)."""
-        key = (user.user_id, tuple(item.output for item in user.history))
-        if key in self._attributions:
-            return self._attributions[key]
-        attribution = attribute_user(
-            self.model,
-            user,
-            population.users,
-            k_counterfactual=self.config.k_counterfactual,
-            max_context_tokens=self.config.max_context_tokens,
-            batch_size=self.config.batch_size,
-            seed=self.config.seed,
-        )
-        describer = (
-            LLMDescriber(self.model) if self.config.describer == "llm" else TemplateDescriber()
-        )
-        self._attributions[key] = describe(attribution, describer)
-        return self._attributions[key]
-
     def fit(self, user: UserHistory, population: Population | None = None) -> UserSteering:
-        """Attribution, description, baseline and SteerX vectors of one user."""
+        """Evidence, then baseline and SteerX vectors of one user at the population's site."""
         if population is None:
             raise SteerXError(
                 "SteerX.fit needs a reference population (other users' histories and the shared "
                 "vector): build one with SteerX.build_population(users) or Population.load(dir), "
                 "or call fit_many(users)"
             )
-        attribution = self.attribute(user, population)
-        baseline = population.baselines.get(user.user_id) or self.baseline_vector(user)
-        steerx, n_swapped, direction = self.steerx_vector(user, attribution, population)
-        description = attribution.description
-        return UserSteering(
-            user.user_id,
-            attribution,
-            replace(baseline, description=description),
-            replace(steerx, description=description),
-            n_swapped,
-            direction,
-        )
+        return self.vectors(self.evidence(user, population), population)
 
-    def fit_many(self, users: Sequence[UserHistory]) -> FitResult:
-        """Fit every user; one user's failure is reported in ``failures`` and skipped."""
+    def fit_many(
+        self,
+        users: Sequence[UserHistory],
+        site: str | None = None,
+        evidence: Mapping[str, UserEvidence] | None = None,
+    ) -> FitResult:
+        """Fit every user at ``site`` (default: the config's); one user's failure is reported
+        in ``failures`` and skipped. ``evidence`` already gathered (e.g. by a fit at another
+        site) is reused; the result carries every user's evidence."""
         failures = {user.user_id: "empty history" for user in users if not user.history}
-        population = self.build_population(users)
+        population = self.build_population(users, site)
+        gathered = dict(evidence or {})
         fitted: dict[str, UserSteering] = {}
         for user in tqdm(population.users, desc="SteerX users", disable=not self.progress):
             try:
-                fitted[user.user_id] = self.fit(user, population)
+                if user.user_id not in gathered:
+                    gathered[user.user_id] = self.evidence(user, population)
+                fitted[user.user_id] = self.vectors(gathered[user.user_id], population)
             except (SteerXError, ValueError) as error:
                 failures[user.user_id] = f"{type(error).__name__}: {error}"
-        return FitResult(population, fitted, failures)
+        return FitResult(population, fitted, failures, gathered)
 
     # ------------------------------------------------------------------ use
     def generate(

@@ -3,12 +3,13 @@
 Each user's last ``n_validation`` history items are set aside; vectors are fitted on the rest
 (the users passed to the pipeline carry no held-out items at all) and every method is scored by
 its NLL change on the validation items: ``NLL(method) − NLL(none)`` (negative = better).
-Attribution and the model's answers are computed once and reused across layers.
+The per-user evidence (attribution, the model's answers, minimal pairs) does not depend on the
+layer: it is computed at the first layer and reused at every other one; each layer's cell is
+built from that evidence and the layer's site, the pipeline's config is never changed.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from steerx_lens.atomic import write_bytes, write_text
+from steerx_lens.atomic import write_text
 from steerx_lens.data import HistoryItem, UserHistory
-from steerx_lens.evaluate import encode_for_eval, token_nll
+from steerx_lens.evaluation.metrics import encode_for_eval, token_nll
+from steerx_lens.evidence import UserEvidence
+from steerx_lens.figures import new_figure, save_png
 from steerx_lens.pipeline import SteerX, SteerXConfig
 from steerx_lens.vectors import SteeringVector
 
@@ -79,10 +82,10 @@ def run_sweep(
     none = {uid: mean_nll(uid, None) for uid in validation}
     grid = {m: np.full((len(layers), len(alphas)), np.nan) for m in SWEEP_METHODS}
     steerx_by_r = np.full((len(rs), len(layers), len(alphas)), np.nan)
+    evidence: dict[str, UserEvidence] = {}
     for li, layer in enumerate(tqdm(layers, desc="sweep layers", disable=not progress)):
-        pipeline.config = replace(pipeline.config, layer=layer)
-        pipeline.adapter.resolve(pipeline.config.site)
-        fit = pipeline.fit_many(train)
+        fit = pipeline.fit_many(train, site=pipeline.config.site_at(layer), evidence=evidence)
+        evidence = fit.evidence
         shared, norm = fit.population.shared, fit.population.residual_norm
         for ai, alpha in enumerate(alphas):
             changes: dict[str, list[float]] = {m: [] for m in ("baseline", "shared")}
@@ -130,16 +133,12 @@ def run_sweep(
 
 def plot_sweep(result: dict[str, Any], out: Path) -> None:
     """``heatmap_<method>.png`` (layers × alphas of NLL change) and ``by_layer.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layers, alphas = result["layers"], result["alphas"]
     for method in SWEEP_METHODS:
         values = np.asarray(result["nll_change"][method])
         limit = max(float(np.nanmax(np.abs(values))), 1e-6)
-        figure, axis = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.45 * len(layers) + 1.8))
+        figure = new_figure(1.2 * len(alphas) + 2.5, 0.45 * len(layers) + 1.8)
+        axis = figure.subplots()
         image = axis.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         axis.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         axis.set_yticks(range(len(layers)), [str(layer) for layer in layers])
@@ -153,9 +152,9 @@ def plot_sweep(result: dict[str, Any], out: Path) -> None:
             axis.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=7)
         figure.colorbar(image, ax=axis)
         figure.tight_layout()
-        _save(figure, out / f"heatmap_{method}.png")
-        plt.close(figure)
-    figure, axis = plt.subplots(figsize=(6, 3.6))
+        save_png(figure, out / f"heatmap_{method}.png")
+    figure = new_figure(6, 3.6)
+    axis = figure.subplots()
     for method in SWEEP_METHODS:
         values = np.asarray(result["nll_change"][method])
         axis.plot(layers, np.nanmin(values, axis=1), marker="o", label=method)
@@ -165,14 +164,7 @@ def plot_sweep(result: dict[str, Any], out: Path) -> None:
     axis.set_title("Validation NLL change per layer (lower is better)")
     axis.legend()
     figure.tight_layout()
-    _save(figure, out / "by_layer.png")
-    plt.close(figure)
-
-
-def _save(figure: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    write_bytes(path, buffer.getvalue())
+    save_png(figure, out / "by_layer.png")
 
 
 def parse_layers(spec: str) -> list[int]:

@@ -8,14 +8,14 @@ widget for notebooks.
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from steerx_lens.atomic import write_bytes, write_text
+from steerx_lens.atomic import write_text
 from steerx_lens.attribution import LayerEffects, TokenEffects, UserAttribution
+from steerx_lens.figures import new_figure, save_png
 
 COLOR_LIMIT = 4.0  # nats at which the colour saturates
 
@@ -85,15 +85,11 @@ def save_attribution_html(attribution: UserAttribution, path: str | Path) -> Pat
 
 def save_layer_heatmap(effects: LayerEffects, path: str | Path, max_tokens: int = 80) -> Path:
     """A layers × tokens heatmap PNG of layer-resolved effects (diverging colours, 0 = white)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = effects.effects[:, :max_tokens].float()
     tokens = effects.tokens[:max_tokens]
     limit = max(float(values.abs().max()), 1e-6)
-    fig, axis = plt.subplots(figsize=(max(6.0, 0.28 * len(tokens)), 0.25 * len(effects.layers) + 2))
+    fig = new_figure(max(6.0, 0.28 * len(tokens)), 0.25 * len(effects.layers) + 2)
+    axis = fig.subplots()
     image = axis.imshow(values.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     axis.set_xticks(
         range(len(tokens)), [t.replace("\n", "⏎") for t in tokens], rotation=90, fontsize=7
@@ -106,10 +102,7 @@ def save_layer_heatmap(effects: LayerEffects, path: str | Path, max_tokens: int 
     axis.set_title(f"Layer-resolved causal effects, {effects.user_id} item {effects.item_index}")
     fig.colorbar(image, ax=axis, label="effect (nats)")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return write_bytes(path, buffer.getvalue())
+    return save_png(fig, path, dpi=120)
 
 
 def circuitsvis_tokens(item: TokenEffects) -> Any:

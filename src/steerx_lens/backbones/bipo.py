@@ -26,11 +26,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerx_lens import hooks
+from steerx_lens.backbones.base import Sample
 from steerx_lens.backends import ModelAdapter, get_adapter
+from steerx_lens.text import build_prompt
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,7 +41,7 @@ class PreferencePair:
 
     Each response is scored as the tokens of ``prompt + response`` after the prompt's tokens (no
     separator is inserted: start responses with a space after plain ``"Answer:"`` prompts, as
-    :func:`steerx_lens.data.prompt_and_response` does). ``*_weights`` hold one weight per
+    :func:`steerx_lens.text.prompt_and_response` does). ``*_weights`` hold one weight per
     response token (see :func:`response_token_ids`; the full or the truncated count); None means
     uniform weights of 1.
     """
@@ -250,28 +252,6 @@ def _all_log_likelihoods(
 
 
 @contextmanager
-def _frozen(model: Any) -> Iterator[None]:
-    """Freeze the parameters and switch to eval mode; restore both afterwards.
-
-    Eval mode because dropout would make the objective noisy and draw from the global RNG.
-    """
-    if not isinstance(model, nn.Module):  # an nnsight envoy: freeze the model it wraps
-        model = model._module
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    training = [(m, m.training) for m in model.modules()]
-    try:
-        for parameter, _ in requires_grad:
-            parameter.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for parameter, flag in requires_grad:
-            parameter.requires_grad_(flag)
-        for module, flag in training:
-            module.training = flag
-
-
-@contextmanager
 def _deterministic() -> Iterator[None]:
     """Ask torch for deterministic kernels (warning where none exists); restore the setting."""
     enabled = torch.are_deterministic_algorithms_enabled()
@@ -304,7 +284,7 @@ def train_bipo(
     vector = torch.zeros(adapter.d_model, device=adapter.device, requires_grad=True)
     optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=config.weight_decay)
     losses: list[float] = []
-    with _frozen(adapter.model), _deterministic():
+    with adapter.frozen_weights(), _deterministic():
         reference = _all_log_likelihoods(adapter, encoded, (), config.batch_size)
         bar = tqdm(range(config.steps), desc=f"BiPO {site}", disable=not progress)
         for _ in bar:
@@ -321,3 +301,28 @@ def train_bipo(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return BiPOResult(vector.detach().clone(), losses, config)
+
+
+def bipo_backbone(
+    model: Any,
+    site: str,
+    chosen: Sequence[Sample],
+    rejected: Sequence[Sample],
+    *,
+    steps: int = BiPOConfig.steps,
+    seed: int = BiPOConfig.seed,
+    **_: Any,
+) -> Float[Tensor, " d_model"]:
+    """The ``"bipo"`` backbone: a BiPO vector trained on the (chosen, rejected) text pairs.
+
+    Each pair is scored as the chat-formatted ``item.input`` followed by each item's text, so a
+    minimal-pair twin enters as its decoded text and the preference margin is carried by the
+    swapped (preference-driven) tokens only.
+    """
+    tokenizer = get_adapter(model).tokenizer
+    pairs = [
+        PreferencePair(build_prompt(tokenizer, good.item.input), good.item.output, bad.item.output)
+        for good, bad in zip(chosen, rejected, strict=True)
+    ]
+    config = BiPOConfig(steps=steps, seed=seed)
+    return train_bipo(model, site, pairs, config, progress=False).vector

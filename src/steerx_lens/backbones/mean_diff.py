@@ -1,4 +1,4 @@
-"""Contrastive mean-difference vectors (StyleVector / CAA) and SteerX's minimal-pair vectors.
+"""Contrastive mean-difference vectors (StyleVector / CAA), the model's answers ŷ, the norm scale.
 
 All vectors here are differences of *pooled* activations at one site: for each sequence
 (prompt ⊕ response) the activations are averaged over the response positions
@@ -7,9 +7,10 @@ model) or read at the last token (``pool="last"``).
 
 - :func:`mean_diff_vector`: ``mean_i pool h(x_i ⊕ y_i) − pool h(x_i ⊕ ŷ_i)`` — the classic
   all-history vector, with ŷ the model's own greedy answer (or a neutral text).
-- :func:`minimal_pair_vector`: ``mean_i pool h(x_i ⊕ y_i) − pool h(x_i ⊕ y_i^swap)`` where
-  ``y^swap`` replaces only the user's preference-driven tokens by the model's prediction under
-  other users' context (same token count). This is SteerX's user-specific component.
+- SteerX's user-specific component is the same difference over minimal pairs:
+  ``mean_i pool h(x_i ⊕ y_i) − pool h(x_i ⊕ y_i^swap)`` where ``y^swap`` replaces only the
+  user's preference-driven tokens by the model's prediction under other users' context (same
+  token count). :func:`mean_diff_backbone` computes both from :class:`~.base.Sample` pairs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,48 +28,13 @@ from tqdm.auto import tqdm
 
 from steerx_lens import hooks
 from steerx_lens.atomic import write_text
+from steerx_lens.backbones.base import Sample
 from steerx_lens.backends import get_adapter
+from steerx_lens.text import EncodedText, pad_batch
 
 Pool = Literal["response_mean", "last"]
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_ANSWER_TOKENS = 48
-
-
-@dataclass(frozen=True)
-class EncodedText:
-    """Token ids of prompt ⊕ response; the response starts at ``response_start``."""
-
-    input_ids: list[int]
-    response_start: int
-
-    def __post_init__(self) -> None:
-        if not 0 < self.response_start < len(self.input_ids):
-            raise ValueError(
-                f"a sequence needs a non-empty prompt and response (response_start="
-                f"{self.response_start}, length {len(self.input_ids)})"
-            )
-
-    def with_response(self, response_ids: Sequence[int]) -> EncodedText:
-        """The same prompt with another response (e.g. the swapped twin of a minimal pair)."""
-        return EncodedText(
-            self.input_ids[: self.response_start] + list(response_ids), self.response_start
-        )
-
-
-def left_padded_batch(
-    texts: Sequence[EncodedText], pad_id: int
-) -> tuple[dict[str, Tensor], Tensor]:
-    """A left-padded batch and the mask of response positions."""
-    width = max(len(text.input_ids) for text in texts)
-    ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    response = torch.zeros((len(texts), width), dtype=torch.bool)
-    for row, text in enumerate(texts):
-        offset = width - len(text.input_ids)
-        ids[row, offset:] = torch.tensor(text.input_ids)
-        mask[row, offset:] = 1
-        response[row, offset + text.response_start :] = True
-    return {"input_ids": ids, "attention_mask": mask}, response
 
 
 def pooled_activations(
@@ -87,7 +52,7 @@ def pooled_activations(
     pooled: dict[int, Tensor] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        inputs, response = left_padded_batch([texts[i] for i in chunk], adapter.pad_token_id)
+        inputs, response, _ = pad_batch([texts[i] for i in chunk], adapter.pad_token_id)
         acts = hooks.activations(model, inputs, [site])
         act = acts[site].float().cpu()
         if pool == "last":
@@ -116,21 +81,30 @@ def mean_diff_vector(
     return plus.mean(0) - minus.mean(0)
 
 
-def minimal_pair_vector(
+def mean_diff_backbone(
     model: Any,
     site: str,
-    originals: Sequence[EncodedText],
-    swapped: Sequence[EncodedText],
+    chosen: Sequence[Sample],
+    rejected: Sequence[Sample],
+    *,
     pool: Pool = "response_mean",
     batch_size: int = DEFAULT_BATCH_SIZE,
+    **_: Any,
 ) -> Float[Tensor, " d_model"]:
-    """Mean over pairs of ``pool h(original) − pool h(swapped)``; pairs must align token-wise."""
-    if len(originals) != len(swapped):
-        raise ValueError(f"{len(originals)} originals but {len(swapped)} swapped twins")
-    for original, twin in zip(originals, swapped, strict=True):
-        if len(original.input_ids) != len(twin.input_ids):
-            raise ValueError("a minimal pair must keep the token count of the original")
-    return mean_diff_vector(model, site, originals, swapped, pool, batch_size)
+    """The ``"mean_diff"`` backbone: :func:`mean_diff_vector` of the samples' tokens.
+
+    It reads :meth:`Sample.encoded`, so a minimal-pair twin is compared token for token with
+    its original (same length, only the swapped tokens differ).
+    """
+    tokenizer = get_adapter(model).tokenizer
+    return mean_diff_vector(
+        model,
+        site,
+        [sample.encoded(tokenizer) for sample in chosen],
+        [sample.encoded(tokenizer) for sample in rejected],
+        pool,
+        batch_size,
+    )
 
 
 def residual_norm(
@@ -140,9 +114,7 @@ def residual_norm(
     adapter = get_adapter(model)
     norms = []
     for start in range(0, len(texts), batch_size):
-        inputs, response = left_padded_batch(
-            texts[start : start + batch_size], adapter.pad_token_id
-        )
+        inputs, response, _ = pad_batch(texts[start : start + batch_size], adapter.pad_token_id)
         acts = hooks.activations(model, inputs, [site])
         norms.append(acts[site].float().norm(dim=-1)[response.to(acts[site].device)].cpu())
     return float(torch.cat(norms).median())

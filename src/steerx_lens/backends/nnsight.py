@@ -139,6 +139,8 @@ class NNsightAdapter(ModelAdapter):
     def intervene_in_trace(
         self, interventions: Sequence[Intervention], ctx: HookContext | None
     ) -> None:
+        """Apply interventions inside the caller's own ``model.trace(...)`` (see
+        :func:`steerx_lens.hooks.intervene`); ``ctx`` defaults to unpadded input."""
         self.validate(interventions)
         self._edit(interventions, lambda act: ctx or HookContext.unpadded(*act.shape[:2]), None)
 

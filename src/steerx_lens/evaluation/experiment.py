@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from steerx_lens import hooks
 from steerx_lens.atomic import safe_filename, write_text
-from steerx_lens.attribution import history_block
-from steerx_lens.backbones.mean_diff import EncodedText
-from steerx_lens.data import HistoryItem, UserHistory, build_prompt
-from steerx_lens.evaluate import (
+from steerx_lens.attribution import AttributionConfig
+from steerx_lens.data import HistoryItem, UserHistory
+from steerx_lens.evaluation.metrics import (
     ALL_METHODS,
     GENERATION_METHODS,
     encode_for_eval,
@@ -39,7 +38,16 @@ from steerx_lens.evaluate import (
     preference_masks,
     token_nll,
 )
+from steerx_lens.evaluation.report import write_report
+from steerx_lens.evaluation.results import (
+    MethodScores,
+    PairedStats,
+    RunMetrics,
+    RunStats,
+    UserRecord,
+)
 from steerx_lens.pipeline import FitResult, SteerX, SteerXConfig, stacked_steer
+from steerx_lens.text import EncodedText, build_prompt, history_block
 from steerx_lens.vectors import SteeringVector
 from steerx_lens.viz import save_attribution_html
 
@@ -75,7 +83,7 @@ def _pooled_nll(nlls: Sequence[Any], masks: Sequence[Any] | None = None) -> floa
 
 
 class Experiment:
-    """Runs the evaluation of :mod:`steerx_lens.evaluate` over users and writes ``DIR``."""
+    """Runs :mod:`steerx_lens.evaluation.metrics` over users and writes ``DIR``."""
 
     def __init__(
         self,
@@ -116,12 +124,15 @@ class Experiment:
         """Where one user's finished record is written: ``DIR/users/<safe user id>.json``."""
         return self.out / "users" / f"{safe_filename(user_id)}.json"
 
-    def _finished(self, user_id: str) -> dict[str, Any] | None:
+    def _finished(self, user_id: str) -> UserRecord | None:
+        """The user's record written by an earlier run with the same configuration, if any."""
         path = self.user_file(user_id)
         if not path.exists():
             return None
         record = json.loads(path.read_text())
-        return record if record.get("config_key") == self.key else None
+        if record.get("config_key") != self.key:
+            return None
+        return UserRecord.from_json(record, ALL_METHODS)
 
     def prompt_history(self, user: UserHistory) -> list[HistoryItem]:
         """The most recent history items whose block fits half of ``max_context_tokens``."""
@@ -223,9 +234,7 @@ class Experiment:
                 texts[user.user_id][method] = [next(generated) for _ in user.heldout]
         return texts
 
-    def evaluate_users(
-        self, users: Sequence[UserHistory], fit: FitResult
-    ) -> dict[str, dict[str, Any]]:
+    def evaluate_users(self, users: Sequence[UserHistory], fit: FitResult) -> dict[str, UserRecord]:
         """Every method's metrics on the users' held-out items, one record per user.
 
         The users are evaluated together so that batches are full: all NLLs in one
@@ -234,7 +243,7 @@ class Experiment:
         histories = {user.user_id: self.prompt_history(user) for user in users}
         nlls = self._batched_nll(self._nll_requests(users, fit, histories))
         generations = self._generation_texts(users, fit, histories) if self.generate else {}
-        records = {}
+        records: dict[str, UserRecord] = {}
         for user in users:
             uid = user.user_id
             mine = fit.users[uid]
@@ -242,50 +251,48 @@ class Experiment:
                 self.model,
                 user,
                 fit.population.users,
-                k_counterfactual=self.pipeline.config.k_counterfactual,
-                max_context_tokens=self.pipeline.config.max_context_tokens,
-                batch_size=self.pipeline.config.batch_size,
+                config=AttributionConfig(
+                    k_counterfactual=self.pipeline.config.k_counterfactual,
+                    max_context_tokens=self.pipeline.config.max_context_tokens,
+                    batch_size=self.pipeline.config.batch_size,
+                ),
             )
-            record: dict[str, Any] = {
-                "user_id": uid,
-                "config_key": self.key,
-                "n_heldout_tokens": int(sum(m.numel() for m in masks)),
-                "n_pref_tokens": int(sum(int(m.sum()) for m in masks)),
-                "description": mine.description,
-                "top_spans": [
-                    {"text": s.text, "score": s.score, "count": s.count}
-                    for s in mine.attribution.spans[:8]
-                ],
-                "n_swapped_tokens": mine.n_swapped_tokens,
-                "steerx_fallback": bool(mine.steerx.extra.get("fallback")),
-            }
+            references = [item.output for item in user.heldout]
+            scores: dict[str, MethodScores] = {}
             for method in OWN_METHODS:
                 values = nlls[uid, method, None]
-                record[method] = {
-                    "nll": _pooled_nll(values),
-                    "nll_pref": _pooled_nll(values, masks),
-                }
+                texts = generations[uid].get(method) if self.generate else None
+                scores[method] = MethodScores(
+                    _pooled_nll(values),
+                    _pooled_nll(values, masks),
+                    None if texts is None else generation_scores(texts, references),
+                )
             others = [other_id for other_id in fit.users if other_id != uid]
             for mode in ("baseline", "steerx") if others else ():
                 per_other = [nlls[uid, f"{mode}_other", other_id] for other_id in others]
-                record[f"{mode}_other"] = {
-                    "nll": _mean([_pooled_nll(values) for values in per_other]),
-                    "nll_pref": _mean([_pooled_nll(values, masks) for values in per_other]),
-                }
-            if self.generate:
-                references = [item.output for item in user.heldout]
-                record["generations"] = {}
-                for method, texts in generations[uid].items():
-                    record[method].update(generation_scores(texts, references))
-                    record["generations"][method] = texts
+                scores[f"{mode}_other"] = MethodScores(
+                    _mean([_pooled_nll(values) for values in per_other]),
+                    _mean([_pooled_nll(values, masks) for values in per_other]),
+                )
+            records[uid] = UserRecord(
+                user_id=uid,
+                config_key=self.key,
+                n_heldout_tokens=int(sum(m.numel() for m in masks)),
+                n_pref_tokens=int(sum(int(m.sum()) for m in masks)),
+                description=mine.description,
+                top_spans=mine.attribution.spans[:8],
+                n_swapped_tokens=mine.n_swapped_tokens,
+                steerx_fallback=bool(mine.steerx.extra.get("fallback")),
+                scores=scores,
+                generations=generations[uid] if self.generate else None,
+            )
             save_attribution_html(
                 mine.attribution, self.out / "attribution" / f"{self.user_file(uid).stem}.html"
             )
-            records[uid] = record
         return records
 
     # ------------------------------------------------------------------ whole run
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunMetrics:
         """Fit, evaluate (resuming finished users), aggregate, write metrics and report."""
         records = {u.user_id: r for u in self.users if (r := self._finished(u.user_id))}
         todo = [u for u in self.users if u.user_id not in records]
@@ -299,49 +306,52 @@ class Experiment:
                 for start in range(0, len(fitted), size):
                     group = self.evaluate_users(fitted[start : start + size], fit)
                     for user_id, record in group.items():
-                        write_text(self.user_file(user_id), json.dumps(record, indent=1))
+                        write_text(self.user_file(user_id), json.dumps(record.to_json(), indent=1))
                     records.update(group)
                     bar.update(len(group))
         metrics = aggregate(
-            [records[u.user_id] for u in self.users if u.user_id in records], self.config
+            [records[u.user_id] for u in self.users if u.user_id in records], self.config, failures
         )
-        metrics["failures"] = failures
-        write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2))
-        from steerx_lens.report import write_report
-
+        write_text(self.out / METRICS_FILE, json.dumps(metrics.to_json(), indent=2))
         write_report(metrics, self.out)
         return metrics
 
 
-def aggregate(records: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+def aggregate(
+    records: Sequence[UserRecord], config: dict[str, Any], failures: dict[str, str]
+) -> RunMetrics:
     """Macro-average every method over users and compute the paired statistics."""
+    scores = [{m: s.as_dict() for m, s in record.scores.items()} for record in records]
     methods: dict[str, dict[str, float | None]] = {}
     for method in ALL_METHODS:
-        present = [r[method] for r in records if method in r]
+        present = [r[method] for r in scores if method in r]
         if not present:
             continue
         keys = sorted({k for entry in present for k in entry})
         methods[method] = {k: _mean([entry.get(k) for entry in present]) for k in keys}
-    stats: dict[str, Any] = {}
 
-    def paired(a: str, b: str, metric: str) -> dict[str, Any] | None:
+    def paired(a: str, b: str, metric: str) -> PairedStats | None:
         pairs = [
             (r[a][metric], r[b][metric])
-            for r in records
+            for r in scores
             if a in r and b in r and r[a].get(metric) is not None and r[b].get(metric) is not None
         ]
         if not pairs:
             return None
-        return paired_stats([x - y for x, y in pairs]).as_dict()
+        return paired_stats([x - y for x, y in pairs])
 
-    stats["personalization_margin"] = {
-        mode: {m: paired(f"{mode}_other", mode, m) for m in ("nll", "nll_pref")}
-        for mode in ("baseline", "steerx")
-    }
-    for reference in ("none", "shared", "baseline"):
-        stats[f"gain_over_{reference}"] = {
-            mode: {m: paired(reference, mode, m) for m in ("nll", "nll_pref")}
-            for mode in ("baseline", "steerx", "shared", "history_prompt")
-            if mode != reference
-        }
-    return {"config": config, "methods": methods, "per_user": list(records), "stats": stats}
+    stats = RunStats(
+        personalization_margin={
+            mode: {m: paired(f"{mode}_other", mode, m) for m in ("nll", "nll_pref")}
+            for mode in ("baseline", "steerx")
+        },
+        gain_over={
+            reference: {
+                mode: {m: paired(reference, mode, m) for m in ("nll", "nll_pref")}
+                for mode in ("baseline", "steerx", "shared", "history_prompt")
+                if mode != reference
+            }
+            for reference in ("none", "shared", "baseline")
+        },
+    )
+    return RunMetrics(config, methods, list(records), stats, failures)

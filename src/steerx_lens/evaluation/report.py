@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-from typing import Any
 
-from steerx_lens.atomic import safe_filename, write_bytes, write_text
+from steerx_lens.atomic import safe_filename, write_text
+from steerx_lens.evaluation.results import PairedStats, RunMetrics
+from steerx_lens.figures import new_figure, save_png
 
 METHOD_NOTES = {
     "none": "no steering",
@@ -19,41 +19,30 @@ METHOD_NOTES = {
 }
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _stat_row(name: str, stat: dict[str, Any] | None) -> str:
-    if not stat:
+def _stat_row(name: str, stat: PairedStats | None) -> str:
+    if stat is None:
         return f"| {name} | – | – | – | – |"
-    low, high = stat["ci95"]
-    p = "–" if stat["wilcoxon_p"] is None else f"{stat['wilcoxon_p']:.3g}"
+    p = "–" if stat.wilcoxon_p is None else f"{stat.wilcoxon_p:.3g}"
     return (
-        f"| {name} | {stat['mean']:+.4f} | [{low:+.4f}, {high:+.4f}] | {p} | "
-        f"{stat['n_positive']}/{stat['n_users']} |"
+        f"| {name} | {stat.mean:+.4f} | [{stat.ci_low:+.4f}, {stat.ci_high:+.4f}] | {p} | "
+        f"{stat.n_positive}/{stat.n} |"
     )
 
 
-def _save_plot(figure: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    write_bytes(path, buffer.getvalue())
-
-
-def plot_methods(metrics: dict[str, Any], path: Path) -> Path:
+def plot_methods(metrics: RunMetrics, path: Path) -> Path:
     """Bar chart of mean NLL and preference-token NLL per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = [m for m in METHOD_NOTES if m in metrics["methods"]]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    methods = [m for m in METHOD_NOTES if m in metrics.methods]
+    figure = new_figure(11, 3.8)
+    axes = figure.subplots(1, 2)
     for axis, key, title in (
         (axes[0], "nll", "held-out NLL, all tokens"),
         (axes[1], "nll_pref", "held-out NLL, preference-bearing tokens"),
     ):
-        values = [metrics["methods"][m].get(key) for m in methods]
+        values = [metrics.methods[m].get(key) for m in methods]
         shown = [(m, v) for m, v in zip(methods, values, strict=True) if v is not None]
         axis.bar([m for m, _ in shown], [v for _, v in shown], color="#4C72B0")
         axis.set_title(title + " (lower is better)")
@@ -62,50 +51,44 @@ def plot_methods(metrics: dict[str, Any], path: Path) -> Path:
             low = min(v for _, v in shown)
             axis.set_ylim(low * 0.95, max(v for _, v in shown) * 1.02)
     figure.tight_layout()
-    _save_plot(figure, path)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
-def plot_margins(metrics: dict[str, Any], path: Path) -> Path:
+def plot_margins(metrics: RunMetrics, path: Path) -> Path:
     """Per-user personalization margin NLL(X_other) − NLL(X) for baseline and SteerX."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    users = metrics["per_user"]
-    figure, axis = plt.subplots(figsize=(max(5, 0.6 * len(users) + 2), 3.6))
+    users = metrics.per_user
+    figure = new_figure(max(5, 0.6 * len(users) + 2), 3.6)
+    axis = figure.subplots()
     width = 0.38
     for offset, mode in ((-width / 2, "baseline"), (width / 2, "steerx")):
         margins = [
-            (u[f"{mode}_other"]["nll"] - u[mode]["nll"]) if f"{mode}_other" in u else 0.0
+            (u.scores[f"{mode}_other"].nll - u.scores[mode].nll)  # type: ignore[operator]
+            if f"{mode}_other" in u.scores
+            else 0.0
             for u in users
         ]
         axis.bar([i + offset for i in range(len(users))], margins, width, label=mode)
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(
-        range(len(users)), [u["user_id"] for u in users], rotation=45, ha="right", fontsize=7
+        range(len(users)), [u.user_id for u in users], rotation=45, ha="right", fontsize=7
     )
     axis.set_ylabel("NLL(other users' vectors) − NLL(own)")
     axis.set_title("Personalization margin per user (> 0: own vector fits better)", fontsize=10)
     axis.legend()
     figure.tight_layout()
-    _save_plot(figure, path)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
-def write_report(metrics: dict[str, Any], out: str | Path) -> Path:
+def write_report(metrics: RunMetrics, out: str | Path) -> Path:
     """Write ``report.md`` (tables, paired statistics, descriptions, links) and its plots."""
     out = Path(out)
     plot_methods(metrics, out / "methods.png")
     plot_margins(metrics, out / "margins.png")
-    config = metrics["config"]
+    config = metrics.config
     lines = [
         "# SteerX evaluation report",
         "",
-        f"Data: `{config.get('data', '?')}`, {len(metrics['per_user'])} users, site "
+        f"Data: `{config.get('data', '?')}`, {len(metrics.per_user)} users, site "
         f"`blocks.{config['layer']}.{config['site_kind']}`, backbone `{config['backbone']}`, "
         f"alpha {config['alpha']}, r {config['r']}.",
         "",
@@ -119,7 +102,7 @@ def write_report(metrics: dict[str, Any], out: str | Path) -> Path:
         "|---|---|---|---|---|---|---|",
     ]
     for method, note in METHOD_NOTES.items():
-        values = metrics["methods"].get(method)
+        values = metrics.methods.get(method)
         if values is None:
             continue
         lines.append(
@@ -138,41 +121,38 @@ def write_report(metrics: dict[str, Any], out: str | Path) -> Path:
         "| comparison | mean | 95% CI | Wilcoxon p | users positive |",
         "|---|---|---|---|---|",
     ]
-    stats = metrics["stats"]
+    stats = metrics.stats
     for mode in ("baseline", "steerx"):
         for metric in ("nll", "nll_pref"):
             lines.append(
                 _stat_row(
                     f"personalization margin, {mode}, {metric}",
-                    stats["personalization_margin"][mode][metric],
+                    stats.personalization_margin[mode][metric],
                 )
             )
     for reference in ("none", "shared", "baseline"):
-        for mode, by_metric in stats[f"gain_over_{reference}"].items():
+        for mode, by_metric in stats.gain_over[reference].items():
             for metric in ("nll", "nll_pref"):
                 lines.append(_stat_row(f"{mode} vs {reference}, {metric}", by_metric[metric]))
     lines += ["", "![Personalization margin per user](margins.png)", "", "## Users", ""]
-    for user in metrics["per_user"]:
-        spans = ", ".join(f"“{s['text'].strip()}”" for s in user["top_spans"][:6]) or "none"
-        name = safe_filename(user["user_id"])
+    for user in metrics.per_user:
+        spans = ", ".join(f"“{s.text.strip()}”" for s in user.top_spans[:6]) or "none"
+        name = safe_filename(user.user_id)
+        nll = {method: scores.nll for method, scores in user.scores.items()}
         lines += [
-            f"### {user['user_id']}",
+            f"### {user.user_id}",
             "",
-            f"- Description: {user['description']}",
+            f"- Description: {user.description}",
             f"- Top preference spans: {spans}",
-            f"- Preference-bearing held-out tokens: {user['n_pref_tokens']} of {user['n_heldout_tokens']}; "
-            f"tokens swapped in minimal pairs: {user['n_swapped_tokens']}"
-            + (
-                " (no personal component: SteerX = shared vector)"
-                if user["steerx_fallback"]
-                else ""
-            ),
-            f"- NLL none / shared / baseline / SteerX: {_fmt(user['none']['nll'])} / "
-            f"{_fmt(user['shared']['nll'])} / {_fmt(user['baseline']['nll'])} / {_fmt(user['steerx']['nll'])}",
+            f"- Preference-bearing held-out tokens: {user.n_pref_tokens} of {user.n_heldout_tokens}; "
+            f"tokens swapped in minimal pairs: {user.n_swapped_tokens}"
+            + (" (no personal component: SteerX = shared vector)" if user.steerx_fallback else ""),
+            f"- NLL none / shared / baseline / SteerX: {_fmt(nll['none'])} / "
+            f"{_fmt(nll['shared'])} / {_fmt(nll['baseline'])} / {_fmt(nll['steerx'])}",
             f"- [Token attribution view](attribution/{name}.html)",
             "",
         ]
-    if metrics.get("failures"):
+    if metrics.failures:
         lines += ["## Users not evaluated", ""]
-        lines += [f"- {uid}: {why}" for uid, why in metrics["failures"].items()]
+        lines += [f"- {uid}: {why}" for uid, why in metrics.failures.items()]
     return write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -18,7 +18,6 @@ where a personal vector should help. The personalization margin of a mode is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,10 +26,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerx_lens import hooks
-from steerx_lens.attribution import encode_item, token_effects
-from steerx_lens.backbones.mean_diff import EncodedText, left_padded_batch
+from steerx_lens.attribution import DEFAULT_CONFIG, AttributionConfig, token_effects
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import HistoryItem, UserHistory
+from steerx_lens.evaluation.results import GenerationScores, PairedStats
+from steerx_lens.text import EncodedText, encode_item, pad_batch
 from steerx_lens.vectors import SteeringVector
 
 PREF_THRESHOLD = 1.0
@@ -51,8 +51,7 @@ def encode_for_eval(
     tokenizer: Any, item: HistoryItem, history: Sequence[HistoryItem] = ()
 ) -> EncodedText:
     """Prompt (optionally with the history block) ⊕ the item's output."""
-    ids, _, _, response_start = encode_item(tokenizer, item, list(history))
-    return EncodedText(ids, response_start)
+    return encode_item(tokenizer, item, history)
 
 
 def token_nll(
@@ -74,7 +73,7 @@ def token_nll(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        inputs, response = left_padded_batch([texts[i] for i in chunk], adapter.pad_token_id)
+        inputs, response, _ = pad_batch([texts[i] for i in chunk], adapter.pad_token_id)
         interventions = []
         chosen = [vectors[i] for i in chunk]
         if any(v is not None for v in chosen):
@@ -103,17 +102,17 @@ def preference_masks(
     user: UserHistory,
     population: Sequence[UserHistory],
     threshold: float = PREF_THRESHOLD,
-    **options: Any,
+    config: AttributionConfig = DEFAULT_CONFIG,
 ) -> list[Tensor]:
     """Per held-out item, the tokens whose patch-CE (own history vs other users') > threshold."""
-    effects = token_effects(model, user, population, targets=user.heldout, **options)
+    effects = token_effects(model, user, population, config, targets=user.heldout)
     return [item.effects > threshold for item in effects]
 
 
 # ------------------------------------------------------------------------------ text metrics
 
 
-def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> GenerationScores:
     """Mean ROUGE-1 / ROUGE-L F1 (``rouge-score``) and corpus BLEU (``sacrebleu``), in [0, 100]."""
     import sacrebleu
     from rouge_score import rouge_scorer
@@ -125,36 +124,14 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
         rouge1.append(scores["rouge1"].fmeasure)
         rouge_l.append(scores["rougeL"].fmeasure)
     bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
-    return {
-        "rouge1": 100.0 * float(np.mean(rouge1)),
-        "rougeL": 100.0 * float(np.mean(rouge_l)),
-        "bleu": float(bleu),
-    }
+    return GenerationScores(
+        rouge1=100.0 * float(np.mean(rouge1)),
+        rougeL=100.0 * float(np.mean(rouge_l)),
+        bleu=float(bleu),
+    )
 
 
 # ------------------------------------------------------------------------------ statistics
-
-
-@dataclass(frozen=True)
-class PairedStats:
-    """Paired comparison over users of ``a − b``: mean, bootstrap 95% CI, Wilcoxon p."""
-
-    mean: float
-    ci_low: float
-    ci_high: float
-    wilcoxon_p: float | None
-    n: int
-    n_positive: int
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON form written to ``metrics.json`` (``ci95`` = ``[low, high]``)."""
-        return {
-            "mean": self.mean,
-            "ci95": [self.ci_low, self.ci_high],
-            "wilcoxon_p": self.wilcoxon_p,
-            "n_users": self.n,
-            "n_positive": self.n_positive,
-        }
 
 
 def paired_stats(differences: Sequence[float], n_boot: int = 5000, seed: int = 0) -> PairedStats:
