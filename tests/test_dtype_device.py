@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from steerx_lens import hooks
-from steerx_lens.backends import get_adapter
+from steerx_lens.backends import BACKENDS, get_adapter
 from steerx_lens.data import make_synthetic_users
 from steerx_lens.errors import ContextLengthError, SteerXError
-from steerx_lens.backends import BACKENDS
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import SteerX, SteerXConfig
 
