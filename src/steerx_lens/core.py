@@ -26,6 +26,7 @@ from torch import Tensor
 
 from steerx_lens.errors import (
     BatchMismatchError,
+    InterventionTypeError,
     NonFiniteError,
     PositionError,
     UnknownSiteError,
@@ -39,12 +40,13 @@ SITE_KINDS: tuple[str, ...] = (
     "hook_mlp_out",
     "hook_resid_post",
 )
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(SITE_KINDS) + r")$")
+_SITE_RE = re.compile(r"^blocks\.(-?\d+)\.(" + "|".join(SITE_KINDS) + r")$")
 
 
 @dataclass(frozen=True)
 class Site:
-    """A canonical site: ``layer`` (-1 for ``hook_embed``) and ``kind``."""
+    """A canonical site: its ``name`` (non-negative layer), ``layer`` (-1 for ``hook_embed``)
+    and ``kind``."""
 
     name: str
     layer: int
@@ -57,19 +59,25 @@ class Site:
 
 
 def parse_site(name: str, n_layers: int) -> Site | None:
-    """Parse a canonical site name; None when it is not canonical. Layer range is checked."""
+    """Parse a canonical site name; None when it is not canonical.
+
+    Negative layers count from the end as in Python (``blocks.-1.hook_resid_post`` is the last
+    block's output); the returned :class:`Site` carries the non-negative name. The layer range
+    is checked.
+    """
     if name == "hook_embed":
         return Site(name, -1, "hook_embed")
     match = _SITE_RE.match(name)
     if match is None:
         return None
-    layer = int(match.group(1))
-    if layer >= n_layers:
+    given = int(match.group(1))
+    layer = given + n_layers if given < 0 else given
+    if not 0 <= layer < n_layers:
         raise UnknownSiteError(
-            f"site {name!r}: layer {layer} is out of range, the model has {n_layers} layers "
-            f"(0..{n_layers - 1})"
+            f"site {name!r}: layer {given} is out of range, the model has {n_layers} layers "
+            f"(0..{n_layers - 1}, or -{n_layers}..-1 from the end)"
         )
-    return Site(name, layer, match.group(2))
+    return Site(f"blocks.{layer}.{match.group(2)}", layer, match.group(2))
 
 
 def unknown_site(name: str, n_layers: int) -> UnknownSiteError:
@@ -213,6 +221,39 @@ class Intervention(Protocol):
     ) -> Float[Tensor, "batch pos d"]: ...
 
 
+class SupportsToSteer(Protocol):
+    """An object that becomes a :class:`Steer` (e.g. a :class:`~steerx_lens.vectors.SteeringVector`)."""
+
+    def to_steer(self) -> Steer: ...
+
+
+InterventionLike = Union[Intervention, SupportsToSteer]
+"""What the entry points of :mod:`steerx_lens.hooks` accept."""
+
+
+def not_an_intervention(obj: object) -> InterventionTypeError:
+    """The error for an object passed where an intervention was expected."""
+    return InterventionTypeError(
+        f"{type(obj).__name__} is not an intervention: pass hooks.Steer / Patch / Ablate / "
+        "Capture, a SteeringVector, or any object with a `site` and `__call__(act, ctx)`"
+    )
+
+
+def as_interventions(items: Sequence[InterventionLike]) -> list[Intervention]:
+    """``items`` as interventions: objects with ``to_steer()`` (a
+    :class:`~steerx_lens.vectors.SteeringVector`) become their :class:`Steer`; anything else
+    that is not an :class:`Intervention` raises :class:`InterventionTypeError`."""
+    out: list[Intervention] = []
+    for item in items:
+        to_steer = getattr(item, "to_steer", None)
+        if not isinstance(item, Intervention) and callable(to_steer):
+            item = to_steer()
+        if not isinstance(item, Intervention):
+            raise not_an_intervention(item)
+        out.append(item)
+    return out
+
+
 def _check_finite(name: str, tensor: Tensor) -> None:
     if not torch.isfinite(tensor).all():
         raise NonFiniteError(f"{name} contains NaN or infinity; refusing to apply it")
@@ -235,7 +276,10 @@ class Steer:
     """Add ``alpha * vector`` at ``site`` on the chosen positions.
 
     ``vector`` is ``[d_model]`` (same for every row) or ``[batch, d_model]`` (one per row, e.g.
-    one per user). ``model_fingerprint`` (optional) is checked against the model it is applied to.
+    one per user). ``operator="project"`` first removes each activation's component along the
+    vector's direction, then adds (the activation's projection on v̂ becomes ``alpha·‖v‖``
+    whatever it was: "project-then-add"). ``model_fingerprint`` (optional) is checked against the
+    model it is applied to.
     """
 
     site: str
@@ -243,6 +287,7 @@ class Steer:
     alpha: float = 1.0
     positions: Positions = "all"
     model_fingerprint: str | None = None
+    operator: Literal["add", "project"] = "add"
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, Tensor):
@@ -254,6 +299,10 @@ class Steer:
         _check_finite(f"steering vector for {self.site}", self.vector)
         if not torch.isfinite(torch.tensor(float(self.alpha))):
             raise NonFiniteError(f"alpha must be finite, got {self.alpha}")
+        if self.operator not in OPERATORS:
+            raise ValueError(f"Steer.operator must be one of {OPERATORS}, got {self.operator!r}")
+        if self.operator == "project":
+            _check_nonzero("Steer.vector", self.vector)
 
     @property
     def width(self) -> int:
@@ -266,7 +315,25 @@ class Steer:
         _check_width(self, act)
         vec = _rows(self.vector, act.shape[0], "Steer.vector").to(act.device, act.dtype)
         chosen = ctx.to(act.device).select(self.positions).to(act.dtype).unsqueeze(-1)
+        if self.operator == "project":
+            act = act - chosen * _component(act, vec)
         return act + self.alpha * chosen * vec.unsqueeze(1)
+
+
+OPERATORS: tuple[str, ...] = ("add", "project")
+
+
+def _check_nonzero(what: str, vectors: Tensor) -> None:
+    if bool((vectors.norm(dim=-1) == 0).any()):
+        raise VectorShapeError(f"{what} has a zero row: a direction needs a non-zero vector")
+
+
+def _component(
+    act: Float[Tensor, "batch pos d"], direction: Float[Tensor, "batch_or_1 d"]
+) -> Float[Tensor, "batch pos d"]:
+    """Each activation's component along its row's direction: ``(act·v̂) v̂``."""
+    unit = (direction / direction.norm(dim=-1, keepdim=True)).unsqueeze(1)
+    return (act * unit).sum(dim=-1, keepdim=True) * unit
 
 
 @dataclass(frozen=True, eq=False)
@@ -321,29 +388,41 @@ class Patch:
 
 @dataclass(frozen=True, eq=False)
 class Ablate:
-    """Zero-ablate or mean-ablate activations at ``site`` on the chosen positions.
+    """Ablate activations at ``site`` on the chosen positions.
 
-    ``mode="mean"`` uses ``mean`` if given (``[d_model]``), else the mean over the real
-    (non-padding) positions of the current batch at this site.
+    ``mode="zero"`` zeroes them; ``mode="mean"`` replaces them by ``mean`` if given
+    (``[d_model]``), else by the mean over the real (non-padding) positions of the current batch
+    at this site; ``mode="direction"`` removes their component along ``direction``
+    (``[d_model]`` or one per row, ``[batch, d_model]``): directional ablation, as used to
+    remove a refusal or a steering direction.
     """
 
     site: str
     positions: Positions = "all"
-    mode: Literal["zero", "mean"] = "zero"
+    mode: Literal["zero", "mean", "direction"] = "zero"
     mean: Float[Tensor, " d_model"] | None = None
+    direction: Float[Tensor, "*rows d_model"] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("zero", "mean"):
-            raise ValueError(f"Ablate.mode must be 'zero' or 'mean', got {self.mode!r}")
+        if self.mode not in ABLATE_MODES:
+            raise ValueError(f"Ablate.mode must be one of {ABLATE_MODES}, got {self.mode!r}")
         if self.mean is not None:
             if self.mean.ndim != 1:
                 raise VectorShapeError("Ablate.mean must be a [d_model] vector")
             _check_finite(f"ablation mean for {self.site}", self.mean)
+        if (self.mode == "direction") != (self.direction is not None):
+            raise ValueError("Ablate: pass direction= exactly when mode='direction'")
+        if self.direction is not None:
+            if self.direction.ndim not in (1, 2):
+                raise VectorShapeError("Ablate.direction must be [d_model] or [batch, d_model]")
+            _check_finite(f"ablation direction for {self.site}", self.direction)
+            _check_nonzero("Ablate.direction", self.direction)
 
     @property
     def width(self) -> int | None:
-        """Width of the mean activations (None for zero-ablation: nothing to check)."""
-        return None if self.mean is None else self.mean.shape[-1]
+        """Width of the mean or direction (None for zero-ablation: nothing to check)."""
+        given = self.mean if self.mean is not None else self.direction
+        return None if given is None else given.shape[-1]
 
     def __call__(
         self, act: Float[Tensor, "batch pos d"], ctx: HookContext
@@ -352,13 +431,19 @@ class Ablate:
         chosen = ctx.select(self.positions).unsqueeze(-1)
         if self.mode == "zero":
             return torch.where(chosen, torch.zeros_like(act), act)
+        _check_width(self, act)
+        if self.direction is not None:
+            rows = _rows(self.direction, act.shape[0], "Ablate.direction")
+            return act - chosen.to(act.dtype) * _component(act, rows.to(act.device, act.dtype))
         if self.mean is not None:
-            _check_width(self, act)
             replacement = self.mean.to(act.device, act.dtype)
         else:
             real = ctx.current_mask.unsqueeze(-1).to(act.dtype)
             replacement = (act * real).sum(dim=(0, 1)) / real.sum().clamp(min=1)
         return torch.where(chosen, replacement.expand_as(act), act)
+
+
+ABLATE_MODES: tuple[str, ...] = ("zero", "mean", "direction")
 
 
 @dataclass(frozen=True, eq=False)

@@ -40,3 +40,7 @@ class BackendError(SteerXError, TypeError):
 
 class ContextLengthError(SteerXError, ValueError):
     """An input (history + text, or prompt + new tokens) longer than the model's context."""
+
+
+class InterventionTypeError(SteerXError, TypeError):
+    """An object passed where an intervention is expected (hooks.Steer, a SteeringVector, ...)."""

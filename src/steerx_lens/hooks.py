@@ -9,6 +9,10 @@ The interventions themselves live in :mod:`steerx_lens.core` and are re-exported
 - :class:`Capture` records activations without changing them;
 - any object with a ``site`` and ``__call__(act, ctx)`` (the :class:`Intervention` protocol).
 
+Every entry point also takes :class:`~steerx_lens.vectors.SteeringVector` s directly (applied
+through their ``to_steer()``); anything else raises
+:class:`~steerx_lens.errors.InterventionTypeError`.
+
 Sites use TransformerLens names (``blocks.{l}.hook_resid_pre|mid|post``, ``hook_attn_out``,
 ``hook_mlp_out``, ``hook_embed``); each backend translates them. Several interventions at one
 site apply in the order given; sites apply in the model's execution order. Positions are
@@ -40,10 +44,12 @@ from steerx_lens.core import (
     HookContext,
     Inputs,
     Intervention,
+    InterventionLike,
     Patch,
     Positions,
     Steer,
     TokenScores,
+    as_interventions,
     compose,
     next_token_scores,
 )
@@ -58,6 +64,7 @@ __all__ = [
     "HookContext",
     "Inputs",
     "Intervention",
+    "InterventionLike",
     "Patch",
     "Positions",
     "Steer",
@@ -75,7 +82,7 @@ __all__ = [
 
 
 @contextmanager
-def apply(model: Any, *interventions: Intervention, tokenizer: Any = None) -> Iterator[Any]:
+def apply(model: Any, *interventions: InterventionLike, tokenizer: Any = None) -> Iterator[Any]:
     """Apply interventions to every forward call of ``model`` inside the block.
 
     Works on HF models, ``HookedTransformer``, ``TransformerBridge`` (torch hooks, removed on
@@ -84,7 +91,7 @@ def apply(model: Any, *interventions: Intervention, tokenizer: Any = None) -> It
     ``model.trace()`` call :func:`intervene`). Yields the backend adapter.
     """
     adapter = get_adapter(model, tokenizer=tokenizer)
-    with adapter.apply(list(interventions)):
+    with adapter.apply(as_interventions(interventions)):
         yield adapter
 
 
@@ -101,7 +108,7 @@ def _encoded(
 def run(
     model: Any,
     inputs: Inputs,
-    *interventions: Intervention,
+    *interventions: InterventionLike,
     tokenizer: Any = None,
     padding_side: Literal["left", "right"] = "left",
     grad: bool = False,
@@ -112,14 +119,14 @@ def run(
     trained through the model (hf, transformer_lens and bridge backends).
     """
     adapter, batch = _encoded(model, inputs, tokenizer, padding_side)
-    return adapter.forward(batch, list(interventions), grad=grad)
+    return adapter.forward(batch, as_interventions(interventions), grad=grad)
 
 
 def cache(
     model: Any,
     inputs: Inputs,
     sites: Sequence[str],
-    *interventions: Intervention,
+    *interventions: InterventionLike,
     tokenizer: Any = None,
     padding_side: Literal["left", "right"] = "left",
 ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Float[Tensor, "batch pos d"]]]:
@@ -138,7 +145,7 @@ def cache(
 def score_tokens(
     model: Any,
     inputs: Inputs,
-    *interventions: Intervention,
+    *interventions: InterventionLike,
     tokenizer: Any = None,
     padding_side: Literal["left", "right"] = "left",
 ) -> TokenScores:
@@ -148,14 +155,14 @@ def score_tokens(
     values leave the model: on nnsight (local or remote) the reduction runs inside the trace.
     """
     adapter, batch = _encoded(model, inputs, tokenizer, padding_side)
-    return adapter.score_next_tokens(batch, list(interventions))
+    return adapter.score_next_tokens(batch, as_interventions(interventions))
 
 
 def activations(
     model: Any,
     inputs: Inputs,
     sites: Sequence[str],
-    *interventions: Intervention,
+    *interventions: InterventionLike,
     tokenizer: Any = None,
     padding_side: Literal["left", "right"] = "left",
 ) -> dict[str, Float[Tensor, "batch pos d"]]:
@@ -164,7 +171,7 @@ def activations(
     On nnsight only the requested activations are saved (and, remotely, downloaded).
     """
     adapter, batch = _encoded(model, inputs, tokenizer, padding_side)
-    return adapter.activations(batch, list(interventions), list(sites))
+    return adapter.activations(batch, as_interventions(interventions), list(sites))
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,7 @@ class Generation:
 def generate(
     model: Any,
     inputs: Inputs,
-    *interventions: Intervention,
+    *interventions: InterventionLike,
     max_new_tokens: int = 20,
     tokenizer: Any = None,
 ) -> Generation:
@@ -200,13 +207,13 @@ def generate(
     adapter = get_adapter(model, tokenizer=tokenizer)
     batch = adapter.encode(inputs, padding_side="left")
     adapter.check_length(batch.input_ids.shape[1] + max_new_tokens, "the prompt + new tokens")
-    sequences = adapter.generate(batch, list(interventions), max_new_tokens)
+    sequences = adapter.generate(batch, as_interventions(interventions), max_new_tokens)
     prompt_len = batch.input_ids.shape[1]
     texts = adapter.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
     return Generation(sequences, prompt_len, texts)
 
 
-def intervene(model: Any, *interventions: Intervention, ctx: HookContext | None = None) -> None:
+def intervene(model: Any, *interventions: InterventionLike, ctx: HookContext | None = None) -> None:
     """Apply interventions inside a user's own nnsight ``model.trace(...)`` block.
 
     Sites are visited in execution order. ``ctx`` describes padding; by default the input is
@@ -218,4 +225,4 @@ def intervene(model: Any, *interventions: Intervention, ctx: HookContext | None 
         raise BackendError(
             f"hooks.intervene is for nnsight traces; on a {adapter.name} model use hooks.apply"
         )
-    in_trace(list(interventions), ctx)
+    in_trace(as_interventions(interventions), ctx)

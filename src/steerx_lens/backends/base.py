@@ -28,6 +28,7 @@ from steerx_lens.core import (
     Site,
     TokenScores,
     next_token_scores,
+    not_an_intervention,
     parse_site,
     unknown_site,
 )
@@ -161,10 +162,7 @@ class ModelAdapter(ABC):
         """Check sites, widths and fingerprints before anything runs."""
         for intervention in interventions:
             if not isinstance(intervention, Intervention):
-                raise TypeError(
-                    f"{type(intervention).__name__} is not an intervention: pass objects with a "
-                    "`site` and `__call__(act, ctx)` such as hooks.Steer/Patch/Ablate/Capture"
-                )
+                raise not_an_intervention(intervention)
             site = self.resolve(intervention.site)
             width = getattr(intervention, "width", None)
             expects_d_model = site.kind in SITE_KINDS or site.kind == "hook_embed"
@@ -184,10 +182,14 @@ class ModelAdapter(ABC):
     def grouped(
         self, interventions: Sequence[Intervention]
     ) -> list[tuple[str, list[Intervention]]]:
-        """Interventions grouped by site (order kept within a site), sites in execution order."""
+        """Interventions grouped by site (order kept within a site), sites in execution order.
+
+        Sites are keyed by their resolved name, so ``blocks.-1.x`` and ``blocks.{n-1}.x`` are
+        one site.
+        """
         groups: dict[str, list[Intervention]] = {}
         for intervention in interventions:
-            groups.setdefault(intervention.site, []).append(intervention)
+            groups.setdefault(self.resolve(intervention.site).name, []).append(intervention)
         return sorted(groups.items(), key=lambda item: self.site_order(item[0]))
 
     def site_order(self, name: str) -> tuple[int, int]:

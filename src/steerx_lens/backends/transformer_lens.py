@@ -96,7 +96,7 @@ class _TLAdapterBase(ModelAdapter):
 
     def resolve(self, name: str) -> Site:
         site = parse_site(name, self.n_layers)  # raises if the layer is out of range
-        if name not in self.model.hook_dict:
+        if (site.name if site else name) not in self.model.hook_dict:
             raise unknown_site(name, self.n_layers)
         if site is not None:
             return site
