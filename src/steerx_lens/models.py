@@ -95,18 +95,69 @@ def demo_model_dir() -> Path:
     return target
 
 
-def build_tiny_model_dir(
-    d_model: int = 64, n_layers: int = 2, n_heads: int = 4, vocab_size: int = 320, seed: int = 0
-) -> Path:
-    """Build (once) a tiny random Llama model with a locally trained BPE tokenizer.
+TINY_FAMILIES: tuple[str, ...] = ("llama", "gpt2", "qwen2")
+"""Architectures of the tiny random models: three module layouts for the parity tests."""
 
-    The folder name contains the configuration so that different sizes never collide.
+
+def _tiny_config(
+    family: str, vocab: int, d_model: int, n_layers: int, n_heads: int, tok: Any
+) -> Any:
+    """The HF config of a tiny random model of ``family`` (1,024 positions, untied unembedding
+    for llama/qwen2; GPT-2 ties it, as the family does)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    ids["pad_token_id"] = tok.pad_token_id
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=1024,
+            **ids,
+        )
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    return config_class(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads if family == "llama" else n_heads // 2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        **ids,
+    )
+
+
+def build_tiny_model_dir(
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    vocab_size: int = 320,
+    seed: int = 0,
+    family: str = "llama",
+) -> Path:
+    """Build (once) a tiny random model of ``family`` with a locally trained BPE tokenizer.
+
+    ``family`` is one of :data:`TINY_FAMILIES` (Llama is the demo model's family; GPT-2 and
+    Qwen2 lay their modules out differently). The folder name contains the configuration so
+    that different models never collide.
     """
-    target = cache_dir() / f"{TINY_DIRNAME}-d{d_model}-l{n_layers}-h{n_heads}-v{vocab_size}-s{seed}"
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {TINY_FAMILIES}")
+    prefix = TINY_DIRNAME if family == "llama" else f"tiny-random-{family}-ctx1024"
+    target = cache_dir() / f"{prefix}-d{d_model}-l{n_layers}-h{n_heads}-v{vocab_size}-s{seed}"
     if (target / "model.safetensors").exists():
         return target
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2LMHeadModel,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2ForCausalLM,
+    )
 
     corpus = [
         "The quick brown fox jumps over the lazy dog. Cheers, Sam!",
@@ -132,20 +183,9 @@ def build_tiny_model_dir(
         pad_token="<pad>",
     )
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_heads,
-        max_position_embeddings=1024,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    config = _tiny_config(family, len(fast), d_model, n_layers, n_heads, fast)
+    model_class = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "qwen2": Qwen2ForCausalLM}
+    model = model_class[family](config)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         staging = Path(tmp) / "out"
         model.save_pretrained(staging)
@@ -176,10 +216,10 @@ def load_demo_model(backend: Backend = "hf", **options: Any) -> Any:
 
 
 def load_tiny_model(backend: Backend = "hf", **options: Any) -> Any:
-    """Load a tiny random Llama model (2 layers, d_model 64 by default) on the chosen backend.
+    """Load a tiny random model (Llama, 2 layers, d_model 64 by default) on the chosen backend.
 
-    Size options (``d_model``, ``n_layers``, ``n_heads``, ``vocab_size``, ``seed``) build the
-    model; ``dtype``, ``device`` and ``device_map`` go to :func:`load_model_dir`.
+    Size options (``d_model``, ``n_layers``, ``n_heads``, ``vocab_size``, ``seed``) and
+    ``family`` (``"llama"``, ``"gpt2"``, ``"qwen2"``) build the model; ``dtype``, ``device`` and ``device_map`` go to :func:`load_model_dir`.
     """
     loading = {k: options.pop(k) for k in ("dtype", "device", "device_map") if k in options}
     return load_model_dir(build_tiny_model_dir(**options), backend, **loading)

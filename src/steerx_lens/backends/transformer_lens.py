@@ -27,6 +27,7 @@ from steerx_lens.backends.base import (
 )
 from steerx_lens.backends.hf import load_hf_model
 from steerx_lens.core import Intervention, Site, compose, parse_site, unknown_site
+from steerx_lens.errors import BackendError
 
 STACK = "transformer_lens"
 SUPPORTS_DEVICE_MAP = False
@@ -64,14 +65,21 @@ def load(
     name = str(folder)
     if name not in loading.OFFICIAL_MODEL_NAMES:
         loading.OFFICIAL_MODEL_NAMES.append(name)
-    model = HookedTransformer.from_pretrained_no_processing(
-        name,
-        hf_model=hf_model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        default_prepend_bos=False,
-    )
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(
+            name,
+            hf_model=hf_model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            default_prepend_bos=False,
+        )
+    except (AttributeError, KeyError, NotImplementedError, ValueError) as error:
+        architecture = (getattr(hf_model.config, "architectures", None) or ["?"])[0]
+        raise BackendError(
+            f"HookedTransformer cannot load this {architecture} model ({type(error).__name__}: "
+            f"{error}); load it on the bridge backend (TransformerBridge) instead"
+        ) from error
     return model.eval()
 
 
