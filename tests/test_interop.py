@@ -21,6 +21,7 @@ import steerx_lens.hooks as hooks
 from steerx_lens.backends import get_adapter
 from steerx_lens.errors import ModelMismatchError, VectorShapeError
 from steerx_lens.interop import (
+    InteropError,
     as_steers,
     export_gguf,
     from_repeng,
@@ -175,26 +176,26 @@ def test_steering_vectors_apply_and_steerx_lens_give_the_same_logits(
 
 
 def test_steering_vectors_conversion_errors_are_one_line(model: Any, sv_lib: ModuleType) -> None:
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         from_steering_vectors(sv_lib.SteeringVector({2: torch.randn(64)}), model)
     assert "2 layers" in one_line(error)
     with pytest.raises(VectorShapeError) as error:
         from_steering_vectors(sv_lib.SteeringVector({0: torch.randn(32)}), model)
     assert "d_model is 64" in one_line(error)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         from_steering_vectors(sv_lib.SteeringVector({0: torch.randn(64)}, "input_layernorm"), model)
     assert "input_layernorm" in one_line(error)
     resid_post, attn_out = ours(model, [0]), ours(model, [1], "hook_attn_out")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         to_steering_vectors(resid_post + attn_out)
     assert "one site kind" in one_line(error)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         to_steering_vectors(resid_post + ours(model, [0], seed=1))
     assert "one direction per layer" in one_line(error)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         to_steering_vectors(ours(model, [1], "hook_resid_pre"))
     assert "hook_resid_pre" in one_line(error)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         to_steering_vectors([])
     one_line(error)
 
@@ -211,7 +212,7 @@ def test_missing_optional_package_names_the_extra(
     monkeypatch.setitem(sys.modules, "steering_vectors", None)
     with pytest.raises(ModuleNotFoundError) as error:
         to_steering_vectors(ours(model, [0]))
-    assert "steerx-lens[interop]" in one_line(error)
+    assert "pip install --no-deps steering-vectors" in one_line(error)
 
 
 # ---------------------------------------------------------------------- repeng
@@ -237,7 +238,7 @@ def test_ours_to_repeng_and_back_is_bit_exact(model: Any, repeng: ModuleType) ->
     back = from_repeng(to_repeng(vectors, model_type="llama"), model)
     assert [v.site for v in back] == [v.site for v in vectors]
     assert all(torch.equal(x.vector, y.vector) for x, y in zip(back, vectors, strict=True))
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         to_repeng(ours(model, [0], "hook_mlp_out"), model_type="llama")
     assert "hook_resid_post" in one_line(error)
 
@@ -314,14 +315,16 @@ def test_foreign_gguf_files_import_and_ours_read_in_repeng(
 
 
 def write_control_vector(
-    path: Path, tensors: dict[str, np.ndarray], arch: str = "controlvector"
+    path: Path, tensors: dict[str, np.ndarray], arch: str = "controlvector", steerx: str = ""
 ) -> Path:
-    """A GGUF file as llama.cpp's cvector-generator writes it (no steerx metadata)."""
+    """A GGUF file as llama.cpp's cvector-generator writes it (``steerx``: our metadata)."""
     import gguf
 
     writer = gguf.GGUFWriter(path, arch)
     writer.add_string(f"{arch}.model_hint", "llama")
     writer.add_int32(f"{arch}.layer_count", len(tensors))
+    if steerx:
+        writer.add_string("steerx.vectors", steerx)
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -334,10 +337,10 @@ def write_control_vector(
 def test_gguf_that_does_not_fit_the_model_is_refused(
     model: Any, model3: Any, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         export_gguf(ours(model, [0]), tmp_path / "v.gguf", model_hint="llama")
     assert "block 0" in one_line(error)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InteropError) as error:
         export_gguf(ours(model, [1], "hook_attn_out"), tmp_path / "v.gguf", model_hint="llama")
     assert "hook_resid_post" in one_line(error)
     vec = np.ones(64, dtype=np.float32)
@@ -382,6 +385,17 @@ def test_corrupt_gguf_gives_a_one_line_error(model3: Any, tmp_path: Path) -> Non
     with pytest.raises(VectorFileError) as error:
         import_gguf(tmp_path / "missing.gguf", model3)
     one_line(error)
+    for steerx in (
+        "{not json",
+        '["a list"]',
+        '{"direction.1": {"site": "blocks.1.hook_resid_post"}}',
+    ):
+        path = write_control_vector(
+            tmp_path / "meta.gguf", {"direction.1": np.ones(64, np.float32)}, steerx=steerx
+        )
+        with pytest.raises(VectorFileError) as error:
+            import_gguf(path, model3)
+        one_line(error)
 
 
 def test_as_steers_steers_every_position_with_the_given_strength(model: Any) -> None:

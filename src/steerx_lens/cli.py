@@ -385,6 +385,53 @@ if __name__ == "__main__":
     app()
 
 
+EXPORT_FORMATS = ("gguf", "repeng", "steering-vectors")
+
+
+@app.command(name="export")
+def export_vectors(
+    vectors: Annotated[list[Path], typer.Argument(help="vector files of one model, one per layer")],
+    out: Annotated[Path, typer.Option(help="the file to write")],
+    to: Annotated[str, typer.Option("--format", help=" | ".join(EXPORT_FORMATS))] = "gguf",
+    model_hint: Annotated[
+        str, typer.Option(help="the model's architecture (GGUF) or HF model_type (repeng)")
+    ] = "llama",
+) -> None:
+    """Write vectors for another tool: a GGUF control vector (llama.cpp `--control-vector`,
+    ollama, repeng's ControlVector.import_gguf) or a steering-vectors safetensors file."""
+    from steerx_lens.interop import export_gguf, to_layer_tensors
+    from steerx_lens.vectors import SteeringVector
+
+    if to not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"--format must be one of {EXPORT_FORMATS}, got {to!r}")
+    loaded = [SteeringVector.load(path) for path in vectors]
+    if to == "steering-vectors":
+        to_layer_tensors(loaded, out)
+    else:
+        export_gguf(loaded, out, model_hint=model_hint)
+    strengths = sorted({v.alpha for v in loaded})
+    typer.echo(f"wrote {out} ({to}, {len(loaded)} layer(s)); their strength was {strengths}")
+
+
+@app.command(name="import")
+def import_vectors(
+    path: Annotated[Path, typer.Argument(help="a .gguf control vector or a steering-vectors file")],
+    out: Annotated[Path, typer.Option(help="folder for the vector files (one per layer)")],
+    alpha: Annotated[float, typer.Option(help="strength recorded on the vectors")] = 1.0,
+    backend: BackendOption = "hf",
+    model_source: ModelOption = None,
+    tiny: TinyOption = False,
+) -> None:
+    """Read another tool's vector as steerx_lens vector files for the model (one per layer)."""
+    from steerx_lens.interop import from_layer_tensors, import_gguf
+
+    model = load_model(backend, tiny, model_source)
+    reader = import_gguf if path.suffix == ".gguf" else from_layer_tensors
+    for vector in reader(path, model, alpha=alpha):
+        target = vector.save(out / f"{path.stem}.{vector.site}.safetensors")
+        typer.echo(f"{target}: {vector.site} (other tools steer every position: positions='all')")
+
+
 def main() -> None:
     """Console entry point: a library error prints as one clear line and exits with status 1."""
     from steerx_lens.errors import SteerXError

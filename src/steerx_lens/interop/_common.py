@@ -15,22 +15,26 @@ from typing import Any
 from torch import Tensor
 
 from steerx_lens.core import parse_site
-from steerx_lens.errors import ModelMismatchError, VectorShapeError
+from steerx_lens.errors import ModelMismatchError, SteerXError, VectorShapeError
 from steerx_lens.hooks import Steer
 from steerx_lens.vectors import SteeringVector
+
+
+class InteropError(SteerXError, ValueError):
+    """A vector that cannot be converted to or from another tool's format as asked."""
+
 
 POSITIONS = "all"
 """Where converted vectors steer: every position, as steering-vectors, repeng and llama.cpp do."""
 
 
-def require(module: str, package: str) -> ModuleType:
-    """Import an optional dependency, or say which package (and extra) to install."""
+def require(module: str, install: str) -> ModuleType:
+    """Import an optional dependency, or say how to install it (``install``)."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
-            f"this conversion needs the {package!r} package: pip install 'steerx-lens[interop]' "
-            f"(or pip install {package})"
+            f"this conversion needs the {module!r} module: {install}"
         ) from error
 
 
@@ -48,7 +52,7 @@ def imported(
     n_layers, d_model = adapter.n_layers, adapter.d_model
     index = layer + n_layers if layer < 0 else layer
     if not 0 <= index < n_layers:
-        raise ValueError(
+        raise InteropError(
             f"{source} vector has layer {layer}, but the model has {n_layers} layers "
             f"(0..{n_layers - 1}, or -{n_layers}..-1): use it with the model it was made for"
         )
@@ -72,7 +76,7 @@ def fingerprint_n_layers(fingerprint: str) -> int:
     try:
         return int(fingerprint.split("x")[0])
     except ValueError as error:
-        raise ValueError(f"malformed model fingerprint {fingerprint!r}") from error
+        raise InteropError(f"malformed model fingerprint {fingerprint!r}") from error
 
 
 def layers_by_kind(vectors: Sequence[SteeringVector], target: str) -> tuple[str, dict[int, Tensor]]:
@@ -82,7 +86,7 @@ def layers_by_kind(vectors: Sequence[SteeringVector], target: str) -> tuple[str,
     layer (``target`` names the destination format in the messages).
     """
     if not vectors:
-        raise ValueError(f"no vectors to convert to {target}: pass at least one SteeringVector")
+        raise InteropError(f"no vectors to convert to {target}: pass at least one SteeringVector")
     fingerprints = {v.model_fingerprint for v in vectors}
     if len(fingerprints) > 1:
         raise ModelMismatchError(
@@ -94,13 +98,13 @@ def layers_by_kind(vectors: Sequence[SteeringVector], target: str) -> tuple[str,
     ]
     kinds = {site.kind for site in sites if site is not None}
     if None in sites or len(kinds) != 1:
-        raise ValueError(
+        raise InteropError(
             f"a {target} vector has one site kind at every layer, got sites "
             f"{[v.site for v in vectors]}: convert the vectors of each kind separately"
         )
     layers = [site.layer for site in sites if site is not None]
     if len(set(layers)) != len(layers):
-        raise ValueError(
+        raise InteropError(
             f"a {target} vector has one direction per layer, got sites {[v.site for v in vectors]}: "
             "add the vectors of the same site together first"
         )

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 
 from steerx_lens.atomic import write_bytes
-from steerx_lens.errors import ModelMismatchError
-from steerx_lens.interop._common import imported, layers_by_kind, require
+from steerx_lens.errors import ModelMismatchError, VectorShapeError
+from steerx_lens.interop._common import InteropError, imported, layers_by_kind, require
 from steerx_lens.vectors import FORMAT_VERSION, SteeringVector, VectorFileError
 
 ARCH = "controlvector"
@@ -63,16 +63,16 @@ def export_gguf(vectors: Sequence[SteeringVector], path: str | Path, *, model_hi
     the only type llama.cpp reads."""
     kind, layers = layers_by_kind(vectors, "GGUF control")
     if kind != SITE_KIND:
-        raise ValueError(
+        raise InteropError(
             f"llama.cpp steers block outputs (hook_resid_post), not {kind}: a "
             "blocks.{l}.hook_resid_pre vector equals one at blocks.{l-1}.hook_resid_post"
         )
     if 0 in layers:
-        raise ValueError(
+        raise InteropError(
             "llama.cpp never steers the output of block 0 (it refuses direction.0): export "
             "vectors at blocks.1 and later"
         )
-    gguf = require("gguf", "gguf")
+    gguf = require("gguf", "pip install gguf")
     metadata = {f"direction.{v.layer}": v.metadata() for v in vectors}
     with tempfile.TemporaryDirectory() as scratch:
         staging = Path(scratch) / "control_vector.gguf"
@@ -93,7 +93,7 @@ def export_gguf(vectors: Sequence[SteeringVector], path: str | Path, *, model_hi
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     """The metadata fields, the F32 1-D tensors by name and each tensor's problem (if any)."""
-    gguf = require("gguf", "gguf")
+    gguf = require("gguf", "pip install gguf")
     try:
         reader = gguf.GGUFReader(path)
         fields = {name: field.contents() for name, field in reader.fields.items()}
@@ -143,6 +143,10 @@ def import_gguf(path: str | Path, model: Any, *, alpha: float = 1.0) -> list[Ste
         saved = json.loads(fields.get(METADATA_KEY, "{}"))
     except json.JSONDecodeError as error:
         raise VectorFileError(f"{path}: corrupt {METADATA_KEY} metadata ({error})") from error
+    if not isinstance(saved, dict) or not all(isinstance(m, dict) for m in saved.values()):
+        raise VectorFileError(
+            f"{path}: corrupt {METADATA_KEY} metadata (not one object per tensor)"
+        )
     vectors = []
     for name, tensor in sorted(tensors.items(), key=lambda item: _direction_layer(item[0]) or 0):
         layer = _direction_layer(name)
@@ -154,7 +158,7 @@ def import_gguf(path: str | Path, model: Any, *, alpha: float = 1.0) -> list[Ste
         extra = {"layer": layer, "gguf_model_hint": fields.get(f"{ARCH}.model_hint")}
         try:
             vector = imported(tensor, layer, SITE_KIND, model, SOURCE, alpha, extra)
-        except ValueError as error:
+        except (InteropError, VectorShapeError) as error:
             raise VectorFileError(f"{path}: {error}") from error
         if name in saved:
             vector = _restored(path, tensor, saved[name], vector)

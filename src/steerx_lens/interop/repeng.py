@@ -21,21 +21,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from steerx_lens.interop._common import imported, layers_by_kind, require
+from steerx_lens.interop._common import InteropError, imported, layers_by_kind, require
 from steerx_lens.vectors import SteeringVector
 
 SOURCE = "repeng"
 SITE_KIND = "hook_resid_post"
+INSTALL = (
+    "pip install 'repeng @ git+https://github.com/vgel/repeng' (repeng 0.4.0, the latest on "
+    "PyPI, pins numpy<2 and does not import with NumPy 2)"
+)
 
 
 def _import_repeng() -> ModuleType:
     """The ``repeng`` module, or an error that says how to install a working one."""
     try:
-        return require("repeng", "repeng")
+        return require("repeng", INSTALL)
     except AttributeError as error:  # repeng 0.4.0 uses np.float_, removed in NumPy 2
         raise ImportError(
-            f"repeng does not import with NumPy {np.__version__} ({error}): install a repeng "
-            "newer than 0.4.0 (pip install 'repeng @ git+https://github.com/vgel/repeng') or numpy<2"
+            f"repeng does not import with NumPy {np.__version__} ({error}): {INSTALL}"
         ) from error
 
 
@@ -66,7 +69,7 @@ def to_repeng(vectors: Sequence[SteeringVector], *, model_type: str) -> Any:
     float32 (NumPy has no bfloat16; every value is kept)."""
     kind, layers = layers_by_kind(vectors, SOURCE)
     if kind != SITE_KIND:
-        raise ValueError(
+        raise InteropError(
             f"repeng steers block outputs (hook_resid_post), not {kind}: a "
             "blocks.{l}.hook_resid_pre vector equals one at blocks.{l-1}.hook_resid_post"
         )

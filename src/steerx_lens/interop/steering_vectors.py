@@ -19,9 +19,10 @@ tokens, steerx_lens never does (logits of real tokens agree).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from steerx_lens.interop._common import imported, layers_by_kind, require
+from steerx_lens.interop._common import InteropError, imported, layers_by_kind, require
 from steerx_lens.vectors import SteeringVector
 
 SITE_KIND_OF_LAYER_TYPE: dict[str, str] = {
@@ -32,6 +33,10 @@ SITE_KIND_OF_LAYER_TYPE: dict[str, str] = {
 """The steerx_lens site kind each steering-vectors ``layer_type`` hooks."""
 
 SOURCE = "steering-vectors"
+INSTALL = (
+    "pip install scikit-learn && pip install --no-deps steering-vectors (0.12.2 declares "
+    "transformers<5 but runs with transformers 5)"
+)
 
 
 def from_steering_vectors(sv: Any, model: Any, *, alpha: float = 1.0) -> list[SteeringVector]:
@@ -43,7 +48,7 @@ def from_steering_vectors(sv: Any, model: Any, *, alpha: float = 1.0) -> list[St
     """
     kind = SITE_KIND_OF_LAYER_TYPE.get(sv.layer_type)
     if kind is None:
-        raise ValueError(
+        raise InteropError(
             f"steering-vectors layer_type {sv.layer_type!r} has no steerx_lens site: use "
             f"one of {sorted(SITE_KIND_OF_LAYER_TYPE)}"
         )
@@ -67,14 +72,50 @@ def to_steering_vectors(vectors: Sequence[SteeringVector]) -> Any:
     kind, layers = layers_by_kind(vectors, SOURCE)
     layer_types = {site_kind: name for name, site_kind in SITE_KIND_OF_LAYER_TYPE.items()}
     if kind not in layer_types:
-        raise ValueError(
+        raise InteropError(
             f"steering-vectors has no layer type for {kind} (it hooks block, attention and MLP "
             "outputs): a blocks.{l}.hook_resid_pre vector equals one at blocks.{l-1}.hook_resid_post"
         )
-    module = require("steering_vectors", "steering-vectors")
+    module = require("steering_vectors", INSTALL)
     return module.SteeringVector(
         layer_activations={
             layer: tensor.detach().clone() for layer, tensor in sorted(layers.items())
         },
         layer_type=layer_types[kind],
     )
+
+
+def to_layer_tensors(vectors: Sequence[SteeringVector], path: str | Path) -> Path:
+    """Write our vectors as a steering-vectors file: safetensors ``{layer: activation}`` with
+    ``layer_type`` in the header (no pickle), read back by :func:`from_layer_tensors` or, in
+    steering-vectors, ``SteeringVector({int(k): v for k, v in load_file(path).items()},
+    layer_type)``."""
+    from safetensors.torch import save
+
+    from steerx_lens.atomic import write_bytes
+
+    kind, layers = layers_by_kind(vectors, SOURCE)
+    layer_types = {site_kind: name for name, site_kind in SITE_KIND_OF_LAYER_TYPE.items()}
+    if kind not in layer_types:
+        raise InteropError(f"steering-vectors has no layer type for {kind}")
+    tensors = {str(layer): t.detach().float().contiguous() for layer, t in sorted(layers.items())}
+    return write_bytes(path, save(tensors, metadata={"layer_type": layer_types[kind]}))
+
+
+def from_layer_tensors(path: str | Path, model: Any, *, alpha: float = 1.0) -> list[SteeringVector]:
+    """Our vectors for ``model`` from a file written by :func:`to_layer_tensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            layer_type = (handle.metadata() or {}).get("layer_type", "")
+            tensors = {int(key): handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InteropError(f"{path} is not a steering-vectors safetensors file: {error}") from error
+    kind = SITE_KIND_OF_LAYER_TYPE.get(layer_type)
+    if kind is None:
+        raise InteropError(f"{path}: unknown layer_type {layer_type!r}")
+    return [
+        imported(tensor, layer, kind, model, SOURCE, alpha, {"layer_type": layer_type})
+        for layer, tensor in sorted(tensors.items())
+    ]
