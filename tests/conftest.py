@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from steerx_lens.backends import BACKENDS
+from steerx_lens.backends import available_backends
 from steerx_lens.models import load_demo_model, load_tiny_model
+
+BACKENDS = available_backends()  # all four, or three with TransformerLens 4 (no HookedTransformer)
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import steerx_lens.hooks as hooks
-from steerx_lens.backends import BACKENDS, get_adapter
+from steerx_lens.backends import available_backends, get_adapter
 from steerx_lens.errors import BackendError
 from steerx_lens.models import TINY_FAMILIES, load_tiny_model
+
+BACKENDS = available_backends()
 
 TEXTS = ["Hello world, cheers", "Hi"]
 UNSUPPORTED = {("gpt2", "transformer_lens")}

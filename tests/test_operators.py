@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import steerx_lens.hooks as hooks
-from steerx_lens.backends import BACKENDS, get_adapter
+from steerx_lens.backends import available_backends, get_adapter
 from steerx_lens.core import parse_site
 from steerx_lens.errors import InterventionTypeError, UnknownSiteError, VectorShapeError
 from steerx_lens.models import load_tiny_model
 from steerx_lens.vectors import SteeringVector
+
+BACKENDS = available_backends()
 
 CTX = hooks.HookContext.unpadded(2, 3)
 

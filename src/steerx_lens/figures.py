@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from steerx_lens.atomic import write_bytes
+from steerx_lens.extras import require
 
 
 def new_figure(width: float, height: float) -> Any:
     """A fresh ``Figure`` of ``width`` x ``height`` inches, not registered with pyplot."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
+    figure_module = require("matplotlib.figure", "plotting")
+    return figure_module.Figure(figsize=(width, height))
 
 
 def save_png(figure: Any, path: str | Path, dpi: int = 110) -> Path:

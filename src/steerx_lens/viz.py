@@ -15,6 +15,7 @@ import torch
 
 from steerx_lens.atomic import write_text
 from steerx_lens.attribution import LayerEffects, TokenEffects, UserAttribution
+from steerx_lens.extras import require
 from steerx_lens.figures import new_figure, save_png
 
 COLOR_LIMIT = 4.0  # nats at which the colour saturates
@@ -107,7 +108,7 @@ def save_layer_heatmap(effects: LayerEffects, path: str | Path, max_tokens: int 
 
 def circuitsvis_tokens(item: TokenEffects) -> Any:
     """The item's tokens coloured by effect as a circuitsvis widget (for notebooks)."""
-    from circuitsvis.tokens import colored_tokens
+    colored_tokens = require("circuitsvis.tokens", "circuitsvis_tokens").colored_tokens
 
     values: list[float] = item.effects.to(torch.float32).tolist()
     return colored_tokens(tokens=list(item.tokens), values=values)

@@ -41,6 +41,7 @@ from steerx_lens.errors import (
     SteerXError,
     VectorShapeError,
 )
+from steerx_lens.extras import require
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -84,6 +85,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     its ``cfg.json`` / ``sae_weights.safetensors`` are missing or unreadable. The weights are
     copied into memory, so the SAE stays valid when the folder is later rewritten or deleted.
     """
+    require("sae_lens", "loading an SAE")
     from sae_lens import SAE
     from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 

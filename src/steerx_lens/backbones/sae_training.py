@@ -33,6 +33,7 @@ from steerx_lens.backends import get_adapter
 from steerx_lens.backends.base import weights_digest
 from steerx_lens.data import load_health_tweets, make_synthetic_users
 from steerx_lens.errors import BackendError
+from steerx_lens.extras import require
 from steerx_lens.models import cache_dir, demo_model_dir, load_demo_model
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ def train_demo_sae(
     corpus; later calls load it (seconds) unless ``force``. The folder is written atomically.
     Default time: see :data:`DEFAULT_N_TOKENS`.
     """
+    require("sae_lens", "training the demo SAE")
     if d_sae < 1 or context_size < 2 or n_tokens < batch_tokens or batch_tokens < 1:
         raise ValueError(
             "need d_sae >= 1, context_size >= 2 and n_tokens >= batch_tokens >= 1, got "

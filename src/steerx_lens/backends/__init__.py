@@ -15,6 +15,7 @@ needs from the rest of the library is in :mod:`steerx_lens.core` and
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import weakref
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 
 from steerx_lens.backends.base import ModelAdapter
 from steerx_lens.errors import BackendError
+from steerx_lens.extras import require
 
 Backend = Literal["hf", "transformer_lens", "bridge", "nnsight"]
 
@@ -63,7 +65,21 @@ def backend_module(name: str) -> ModuleType:
     """The module of the backend ``name``; ``ValueError`` naming the choices if unknown."""
     if name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose one of {tuple(REGISTRY)}")
+    require(REGISTRY[name].stack, f"the {name} backend")
     return importlib.import_module(REGISTRY[name].module)
+
+
+def available_backends() -> tuple[str, ...]:
+    """The registered backends that can load models here: their stack is installed and, where
+    the module says so (``available()``), in a version it supports."""
+    names = []
+    for name, entry in REGISTRY.items():
+        if importlib.util.find_spec(entry.stack) is None:
+            continue
+        module = importlib.import_module(entry.module)
+        if getattr(module, "available", lambda: True)():
+            names.append(name)
+    return tuple(names)
 
 
 def _default_tokenizer(model: Any) -> Any:
@@ -162,6 +178,7 @@ __all__ = [
     "BackendEntry",
     "ModelAdapter",
     "REGISTRY",
+    "available_backends",
     "backend_module",
     "get_adapter",
     "load_model",

@@ -33,8 +33,19 @@ STACK = "transformer_lens"
 SUPPORTS_DEVICE_MAP = False
 
 
+def available() -> bool:
+    """Whether the installed TransformerLens has ``HookedTransformer`` (3.x; 4.x removed it)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def matches(model: Any) -> bool:
     """Whether ``model`` is a ``HookedTransformer``."""
+    if not available():
+        return False
     from transformer_lens import HookedTransformer
 
     return isinstance(model, HookedTransformer)
@@ -58,6 +69,11 @@ def load(
     the weights come from the HF model loaded here, and BOS is not prepended (the plain
     tokenizer the adapter keeps gives every backend the same token ids).
     """
+    if not available():
+        raise BackendError(
+            "the transformer_lens backend (HookedTransformer) needs TransformerLens 3.x; "
+            "TransformerLens 4 keeps only TransformerBridge: use the bridge backend"
+        )
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
 
