@@ -4,7 +4,8 @@ A *source* is a function ``loader(n_users=None, **options) -> list[UserHistory]`
 under a name with :func:`register_source`; :func:`load_users` looks names up in :data:`SOURCES`
 before treating its argument as a path. Built in: ``"synthetic"``
 (:func:`~steerx_lens.data.sources.synthetic.make_synthetic_users`), ``"health_tweets"``
-(:func:`~steerx_lens.data.sources.health_tweets.load_health_tweets`) and
+(:func:`~steerx_lens.data.sources.health_tweets.load_health_tweets`), ``"news_outlets"``
+(:func:`~steerx_lens.data.sources.news_outlets.load_news_outlets`) and
 ``"stackexchange_beer"`` (the project's shared file). Adding a source = one module with a loader
 + one :func:`register_source` call.
 
@@ -23,6 +24,7 @@ from steerx_lens.data.io import iter_jsonl, read_users
 from steerx_lens.data.schema import UserHistory
 from steerx_lens.data.sources.health_tweets import load_health_tweets
 from steerx_lens.data.sources.lamp import read_lamp
+from steerx_lens.data.sources.news_outlets import load_news_outlets
 from steerx_lens.data.sources.stackexchange import load_stackexchange_beer, read_stackexchange
 from steerx_lens.data.sources.synthetic import load_synthetic
 
@@ -32,6 +34,7 @@ Loader = Callable[..., list[UserHistory]]
 SOURCES: dict[str, Loader] = {
     "synthetic": load_synthetic,
     "health_tweets": load_health_tweets,
+    "news_outlets": load_news_outlets,
     "stackexchange_beer": load_stackexchange_beer,
 }
 """Named sources that :func:`load_users` accepts (extend with :func:`register_source`)."""
