@@ -19,7 +19,11 @@ from typing import Any
 
 from safetensors import safe_open
 
-IGNORED_KEYS = frozenset({"created", "wall_s", "elapsed_s", "seconds", "library_version"})
+# ``config_key`` is a hash of the inputs (configuration, model, users' data), not a number;
+# the configuration itself is compared in ``metrics.json``.
+IGNORED_KEYS = frozenset(
+    {"created", "wall_s", "elapsed_s", "seconds", "library_version", "config_key"}
+)
 
 
 def compare(a: Any, b: Any, where: str, atol: float, out: list[str]) -> int:

@@ -107,3 +107,62 @@ def test_bad_vectors_are_refused(model: Any) -> None:
         SteeringVector(torch.zeros(2, 64), "blocks.0.hook_resid_post", fingerprint)
     with pytest.raises(VectorShapeError, match="zero vector"):
         SteeringVector(torch.zeros(64), "blocks.0.hook_resid_post", fingerprint).normalized()
+
+
+def write_vector_file(path: Path, meta: Any, tensor: torch.Tensor | None = None) -> Path:
+    """A vector file with the given metadata (any JSON) and tensor (default: 64 ones)."""
+    tensor = torch.ones(64) if tensor is None else tensor
+    save_file({"vector": tensor}, str(path), metadata={"steerx": json.dumps(meta)})
+    return path
+
+
+def test_unknown_metadata_keys_are_tolerated_with_a_warning(model: Any, tmp_path: Path) -> None:
+    meta = {**make(model).metadata(), "created": 1795734650.86}  # as written before 0.2
+    future = write_vector_file(tmp_path / "future.safetensors", {**meta, "temperature": 0.7})
+    with pytest.warns(UserWarning, match=r"unknown metadata key\(s\) \['temperature'\]"):
+        loaded = SteeringVector.load(future, model=model)
+    assert loaded.metadata() == meta and loaded.created == 1795734650.86
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"site": None}, "'site' has the wrong type"),
+        ({"alpha": "strong"}, "'alpha' has the wrong type"),
+        ({"alpha": float("nan")}, "'alpha' is not finite"),
+        ({"extra": [1]}, "'extra' has the wrong type"),
+        ({"d_model": True}, "'d_model' has the wrong type"),
+        ({"model_fingerprint": "garbage"}, "malformed model fingerprint"),
+        ({"d_model": 32}, "width 64, the metadata says float32 of width 32"),
+        ({"dtype": "float16"}, "the tensor is float32 of width 64, the metadata says float16"),
+    ],
+)
+def test_mistyped_or_inconsistent_metadata_is_refused(
+    model: Any, tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    meta = {**make(model).metadata(), **change}
+    with pytest.raises(VectorFileError, match=message.replace("(", r"\(")):
+        SteeringVector.load(write_vector_file(tmp_path / "v.safetensors", meta))
+
+
+@pytest.mark.parametrize("key", ["site", "mode", "alpha", "extra", "library_version", "dtype"])
+def test_missing_metadata_keys_are_refused(model: Any, tmp_path: Path, key: str) -> None:
+    meta = {k: v for k, v in make(model).metadata().items() if k != key}
+    with pytest.raises(VectorFileError, match=rf"key\(s\) \['{key}'\] missing"):
+        SteeringVector.load(write_vector_file(tmp_path / "v.safetensors", meta))
+
+
+def test_tensors_that_disagree_with_the_header_are_refused(model: Any, tmp_path: Path) -> None:
+    meta = make(model).metadata()
+    half = write_vector_file(tmp_path / "half.safetensors", meta, torch.ones(64).half())
+    with pytest.raises(VectorFileError, match="the tensor is float16"):
+        SteeringVector.load(half)
+    ints = {**meta, "dtype": "int64"}
+    integer = write_vector_file(tmp_path / "int.safetensors", ints, torch.ones(64).long())
+    with pytest.raises(VectorFileError, match="1-D floating point"):
+        SteeringVector.load(integer)
+    narrow = {**meta, "d_model": 32}  # consistent header, but not the fingerprint's width
+    with pytest.raises(VectorFileError, match="fingerprint"):
+        SteeringVector.load(write_vector_file(tmp_path / "n.safetensors", narrow, torch.ones(32)))
+    with pytest.raises(VectorFileError, match="not a JSON object"):
+        SteeringVector.load(write_vector_file(tmp_path / "list.safetensors", [meta]))

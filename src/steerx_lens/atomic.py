@@ -6,7 +6,8 @@ A crash or an interruption leaves either the old file or the new one, never half
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 
@@ -14,21 +15,24 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent folders are created).
 
     The data is flushed to disk before the rename. The file keeps the mode of the file it
-    replaces, else gets 0o644 (``mkstemp`` alone would make it 0o600).
+    replaces; a new file gets the mode ``open()`` would give it (0o666 minus the umask), so a
+    colleague can read a run's results exactly when they can read the user's other files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    previous = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
-        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as handle:
+            if previous is not None:
+                os.fchmod(handle.fileno(), previous)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -36,8 +40,3 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
-
-
-def safe_filename(name: str) -> str:
-    """``name`` with every character other than letters, digits, ``-``, ``_`` and ``.`` as ``_``."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,77 +1,261 @@
-"""The ``steerx`` command line."""
+"""The ``steerx`` command line.
+
+Every option is checked before any model is loaded (choices, ranges, finite numbers, files),
+with a one-line error that names the option (exit status 2). A library error during a run is
+one line too (exit status 1); ``steerx --debug <command>`` shows its traceback instead. Each
+command that writes holds its ``--out`` folder (:func:`steerx_lens.runs.out_lock`): a second
+run into the same folder is refused at once.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
+import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from steerx_lens import hooks
-from steerx_lens.atomic import safe_filename, write_text
+from steerx_lens.atomic import write_text
 from steerx_lens.backends import REGISTRY, get_adapter
 from steerx_lens.demo import DEMO_PROMPTS, chat_prompts, contrast_vector
+from steerx_lens.errors import DataError, SteerXError
 from steerx_lens.models import load_demo_model, load_model_dir, load_tiny_model
+from steerx_lens.runs import out_lock, user_file_names, write_name_index
 
+LIBRARY_ERRORS = (SteerXError, ValueError, OSError)
+"""Errors shown as one line (the input, a file or the run's data is wrong, not steerx_lens)."""
+REMOTES = ("off", "local", "ndif")
 LAYER_HELP = "layer whose resid_post is steered (default: 40% of the depth, 12 on the demo model)"
 REMOTE_HELP = "off | local (nnsight's offline simulation of NDIF) | ndif (needs NDIF_API_KEY) | URL"
 MODEL_HELP = "a local model folder, or with --remote ndif a hub id (default: the demo model)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+class _Failed(typer.TyperException):
+    """A library error raised by a command, shown as one line with exit status 1."""
+
+    exit_code = 1
+
+
+class _Commands(TyperGroup):
+    """The app's commands: every error is one line on stderr (``--debug``: the traceback)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a library error becomes :class:`_Failed` unless ``--debug``."""
+        try:
+            return super().invoke(ctx)
+        except LIBRARY_ERRORS as error:
+            if ctx.params.get("debug"):
+                raise
+            kind = "" if isinstance(error, SteerXError) else f"{type(error).__name__}: "
+            raise _Failed(f"{kind}{error}" or type(error).__name__) from error
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Click's ``main``, but usage and library errors print as ``error: <one line>``."""
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as error:
+            if not standalone_mode:
+                raise
+            typer.echo(f"error: {_one_line(error.format_message())}", err=True)
+            code = error.exit_code
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("error: aborted", err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# ---------------------------------------------------------------------------- option checks
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _non_negative(value: float | None) -> float | None:
+    if _finite(value) is not None and value < 0:  # type: ignore[operator]
+        raise typer.BadParameter(f"must be at least 0, got {value}")
+    return value
+
+
+def _floats(text: str, minimum: float | None = None) -> list[float]:
+    """A comma list of finite numbers (each at least ``minimum``); ``ValueError`` otherwise."""
+    values = [float(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise ValueError("give at least one number")
+    bad = [v for v in values if not math.isfinite(v) or (minimum is not None and v < minimum)]
+    if bad:
+        bound = "finite" if minimum is None else f"finite and at least {minimum:g}"
+        raise ValueError(f"every value must be {bound}, got {bad[0]}")
+    return values
+
+
+def _alphas(text: str) -> str:
+    try:
+        _floats(text)
+    except ValueError as error:
+        raise typer.BadParameter(f"{text!r}: {error}") from None
+    return text
+
+
+def _rs(text: str) -> str:
+    try:
+        _floats(text, minimum=0.0)
+    except ValueError as error:
+        raise typer.BadParameter(f"{text!r}: {error}") from None
+    return text
+
+
+def _layers(text: str) -> str:
+    from steerx_lens.sweep import parse_layers
+
+    try:
+        layers = parse_layers(text)
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(
+            f"{text!r} is not start:stop:step or a comma list ({error})"
+        ) from None
+    if not layers or min(layers) < 0:
+        raise typer.BadParameter(f"{text!r} gives no layer, or a negative one: {layers}")
+    return text
+
+
+def _data(value: str) -> str:
+    from steerx_lens.data import SOURCES
+
+    if value not in SOURCES and not Path(value).is_file():
+        raise typer.BadParameter(f"no file {value!r}, and not a built-in source {tuple(SOURCES)}")
+    return value
+
+
+def _out(value: Path) -> Path:
+    if value.exists() and not value.is_dir():
+        raise typer.BadParameter(f"{value} exists and is not a folder")
+    return value
+
+
+def _backend(value: str) -> str:
+    if value not in REGISTRY:
+        raise typer.BadParameter(f"unknown backend {value!r}; choose one of {tuple(REGISTRY)}")
+    return value
+
+
+def _remote(value: str) -> str:
+    if value not in REMOTES and not value.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"must be off, local, ndif or an http(s) host, got {value!r}")
+    return value
+
+
+def _backbone(value: str) -> str:
+    from steerx_lens.backbones import BACKBONES
+
+    if value not in BACKBONES:
+        raise typer.BadParameter(f"unknown backbone {value!r}; choose one of {tuple(BACKBONES)}")
+    return value
+
+
+def check_model_options(backend: str, remote: str, source: str | None) -> None:
+    """The checks of ``--backend``, ``--remote`` and ``--model`` together (before loading)."""
+    if remote != "off" and backend != "nnsight":
+        raise typer.BadParameter("--remote runs through nnsight: add --backend nnsight")
+    if remote in ("off", "local"):
+        if source is not None and not Path(source).is_dir():
+            raise typer.BadParameter(f"no model folder {source!r}", param_hint="'--model'")
+    elif source is None:
+        raise typer.BadParameter(f"--remote {remote} needs --model ORG/NAME (hosted on NDIF)")
+
+
 # Options shared by several commands.
-BackendOption = Annotated[str, typer.Option(help=f"one of {tuple(REGISTRY)}")]
-RemoteOption = Annotated[str, typer.Option(help=REMOTE_HELP)]
+BackendOption = Annotated[str, typer.Option(help=f"one of {tuple(REGISTRY)}", callback=_backend)]
+RemoteOption = Annotated[str, typer.Option(help=REMOTE_HELP, callback=_remote)]
 ModelOption = Annotated[str | None, typer.Option("--model", help=MODEL_HELP)]
 TinyOption = Annotated[bool, typer.Option(help="use the tiny random model (smoke test)")]
-UsersOption = Annotated[int | None, typer.Option(help="only the first N users")]
-BackboneOption = Annotated[str, typer.Option(help="mean_diff | bipo | sae")]
-LayerOption = Annotated[int | None, typer.Option(help=LAYER_HELP)]
-app = typer.Typer(help="SteerX: disentangled activation steering for LLM personalization.")
+UsersOption = Annotated[int | None, typer.Option(min=1, help="only the first N users")]
+BackboneOption = Annotated[str, typer.Option(help="mean_diff | bipo | sae", callback=_backbone)]
+LayerOption = Annotated[int | None, typer.Option(min=0, help=LAYER_HELP)]
+DataOption = Annotated[str, typer.Option(help="users: a path or a built-in name", callback=_data)]
+OutOption = Annotated[Path, typer.Option(help="output folder", callback=_out)]
+Describer = Literal["template", "llm"]
+NewTokensOption = Annotated[int, typer.Option(min=1, help="tokens generated per prompt")]
+
+app = typer.Typer(
+    cls=_Commands, help="SteerX: disentangled activation steering for LLM personalization."
+)
 console = Console(stderr=True)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option(help="show the traceback of an error")] = False,
+) -> None:
+    """Options of every command (``--debug`` is read by :class:`_Commands`)."""
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+    out: OutOption = Path("runs/demo"),
     backend: BackendOption = "hf",
-    layer: Annotated[int, typer.Option(help="layer whose resid_post is steered")] = 10,
-    alpha: Annotated[float, typer.Option(help="steering strength")] = 2.0,
-    max_new_tokens: Annotated[int, typer.Option()] = 30,
+    layer: Annotated[int, typer.Option(min=0, help="layer whose resid_post is steered")] = 10,
+    alpha: Annotated[float, typer.Option(help="steering strength", callback=_finite)] = 2.0,
+    max_new_tokens: NewTokensOption = 30,
     tiny: TinyOption = False,
 ) -> None:
     """A short steering demo on the demo model: unsteered vs steered continuations."""
-    console.print(f"[bold]loading the {'tiny' if tiny else 'demo'} model on {backend}[/bold]")
-    model = load_model(backend, tiny)
-    site = f"blocks.{layer}.hook_resid_post"
-    vector = contrast_vector(model, site)
-    steer = hooks.Steer(site, vector, alpha=alpha, positions="prompt_last_and_generated")
-    prompts = chat_prompts(model, DEMO_PROMPTS)
-    plain = hooks.generate(model, prompts, max_new_tokens=max_new_tokens)
-    steered = hooks.generate(model, prompts, steer, max_new_tokens=max_new_tokens)
+    with out_lock(out):
+        console.print(f"[bold]loading the {'tiny' if tiny else 'demo'} model on {backend}[/bold]")
+        model = load_model(backend, tiny)
+        site = f"blocks.{layer}.hook_resid_post"
+        vector = contrast_vector(model, site)
+        steer = hooks.Steer(site, vector, alpha=alpha, positions="prompt_last_and_generated")
+        prompts = chat_prompts(model, DEMO_PROMPTS)
+        plain = hooks.generate(model, prompts, max_new_tokens=max_new_tokens)
+        steered = hooks.generate(model, prompts, steer, max_new_tokens=max_new_tokens)
 
-    table = Table(title=f"Steering at {site}, alpha={alpha} (enthusiastic - flat)")
-    for column in ("prompt", "unsteered", "steered"):
-        table.add_column(column, overflow="fold")
-    lines = [
-        "# steerx_lens demo",
-        "",
-        f"Model: {'tiny random Llama' if tiny else 'SmolLM2-135M-Instruct (dequantized Q4_1)'}, "
-        f"backend `{backend}`. Vector: mean activation of enthusiastic minus flat texts at "
-        f"`{site}`; added with alpha={alpha} at the last prompt token and every generated token.",
-        "",
-        "| prompt | unsteered | steered |",
-        "|---|---|---|",
-    ]
-    for prompt, before, after in zip(DEMO_PROMPTS, plain.texts, steered.texts, strict=True):
-        table.add_row(prompt, before.strip(), after.strip())
-        cells = [
-            text.strip().replace("\n", " ").replace("|", "\\|") for text in (prompt, before, after)
+        table = Table(title=f"Steering at {site}, alpha={alpha} (enthusiastic - flat)")
+        for column in ("prompt", "unsteered", "steered"):
+            table.add_column(column, overflow="fold")
+        lines = [
+            "# steerx_lens demo",
+            "",
+            f"Model: {'tiny random Llama' if tiny else 'SmolLM2-135M-Instruct (dequantized Q4_1)'}, "
+            f"backend `{backend}`. Vector: mean activation of enthusiastic minus flat texts at "
+            f"`{site}`; added with alpha={alpha} at the last prompt token and every generated "
+            "token.",
+            "",
+            "| prompt | unsteered | steered |",
+            "|---|---|---|",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    Console().print(table)
-    write_text(out / "demo.md", "\n".join(lines) + "\n")
+        for prompt, before, after in zip(DEMO_PROMPTS, plain.texts, steered.texts, strict=True):
+            table.add_row(prompt, before.strip(), after.strip())
+            cells = [
+                text.strip().replace("\n", " ").replace("|", "\\|")
+                for text in (prompt, before, after)
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        Console().print(table)
+        write_text(out / "demo.md", "\n".join(lines) + "\n")
     console.print(f"wrote {out / 'demo.md'}")
 
 
@@ -79,21 +263,16 @@ def load_model(backend: str, tiny: bool, source: str | None = None, remote: str 
     """The model to run: the demo model, the tiny one, a local folder, or an NDIF model.
 
     ``remote`` is ``off``, ``local`` (nnsight's offline simulation of remote execution),
-    ``ndif`` or an http(s) host (the model then is the hub id given as ``source``).
+    ``ndif`` or an http(s) host (the model then is the hub id given as ``source``); the options
+    are checked first (:func:`check_model_options`).
     """
-    if backend not in REGISTRY:
-        raise typer.BadParameter(f"unknown backend {backend!r}; choose one of {tuple(REGISTRY)}")
-    is_host = remote.startswith(("http://", "https://"))
-    if remote not in ("off", "local", "ndif") and not is_host:
-        raise typer.BadParameter(f"--remote must be off, local, ndif or an http(s) host: {remote}")
-    if remote != "off" and backend != "nnsight":
-        raise typer.BadParameter("--remote runs through nnsight: add --backend nnsight")
-    if remote == "ndif" or is_host:
-        if source is None:
-            raise typer.BadParameter(f"--remote {remote} needs --model ORG/NAME (hosted on NDIF)")
+    _backend(backend)
+    _remote(remote)
+    check_model_options(backend, remote, source)
+    if remote not in ("off", "local"):
         from steerx_lens.backends.remote import load_remote_model
 
-        return load_remote_model(source, remote=True if remote == "ndif" else remote)
+        return load_remote_model(source, remote=True if remote == "ndif" else remote)  # type: ignore[arg-type]
     if source is not None:
         model = load_model_dir(source, backend)  # type: ignore[arg-type]
     elif tiny:
@@ -105,13 +284,18 @@ def load_model(backend: str, tiny: bool, source: str | None = None, remote: str 
     return model
 
 
+def _reasons(failures: dict[str, str]) -> str:
+    """The first few ``user: why`` of ``failures``, for a one-line error."""
+    return "; ".join(f"{uid}: {why}" for uid, why in list(failures.items())[:5])
+
+
 @app.command()
 def attribute(
-    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "synthetic",
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/attribution"),
+    data: DataOption = "synthetic",
+    out: OutOption = Path("runs/attribution"),
     users: UsersOption = None,
-    method: Annotated[str, typer.Option(help="patch | prompt")] = "patch",
-    describer: Annotated[str, typer.Option(help="template | llm (the model itself)")] = "llm",
+    method: Annotated[Literal["patch", "prompt"], typer.Option(help="patch | prompt")] = "patch",
+    describer: Annotated[Describer, typer.Option(help="template | llm (the model itself)")] = "llm",
     layer_map: Annotated[bool, typer.Option(help="also draw a layers x tokens map")] = False,
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
@@ -119,38 +303,63 @@ def attribute(
     tiny: TinyOption = False,
 ) -> None:
     """Causal token attribution for each user: ranked spans, description, HTML views."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
     from steerx_lens.attribution import AttributionConfig, attribute_user, layer_effects
     from steerx_lens.data import load_users
     from steerx_lens.describe import LLMDescriber, TemplateDescriber, describe
+    from steerx_lens.screening import ItemLimits, screen_items
     from steerx_lens.viz import save_attribution_html, save_layer_heatmap
 
-    settings = AttributionConfig(method=method)  # type: ignore[arg-type]
+    check_model_options(backend, remote, model_source)
+    settings = AttributionConfig(method=method)
     population = load_users(data)
-    chosen = population[:users] if users else population
-    model = load_model(backend, tiny, model_source, remote)
-    writer = LLMDescriber(model) if describer == "llm" else TemplateDescriber()
-    records = []
-    for user in tqdm(chosen, desc="attributing users"):
-        result = describe(attribute_user(model, user, population, settings), writer)
-        html_name = f"{safe_filename(user.user_id)}.html"
-        save_attribution_html(result, out / html_name)
-        record: dict[str, Any] = {
-            "user_id": user.user_id,
-            "spans": [{"text": s.text, "score": s.score, "count": s.count} for s in result.spans],
-            "description": result.description,
-            "html": html_name,
-        }
-        if layer_map:
-            first = layer_effects(model, user, population, settings)[0]
-            record["layer_map"] = save_layer_heatmap(
-                first, out / f"{safe_filename(user.user_id)}-layers.png"
-            ).name
-        records.append(record)
-    config = {"data": data, "method": method, "describer": describer, "backend": backend}
-    write_text(out / "attribution.json", json.dumps({"config": config, "users": records}, indent=2))
+    chosen = population[:users]
+    names = user_file_names([user.user_id for user in chosen])
+    with out_lock(out):
+        model = load_model(backend, tiny, model_source, remote)
+        adapter = get_adapter(model)
+        limits = ItemLimits(adapter.max_positions, settings.max_context_tokens)
+        writer = LLMDescriber(model) if describer == "llm" else TemplateDescriber()
+        records, failures, skipped_items = [], {}, {}
+        for user in tqdm(chosen, desc="attributing users"):
+            history, skipped = screen_items(
+                adapter.tokenizer, user.user_id, user.history, "history item", limits
+            )
+            if skipped:
+                skipped_items[user.user_id] = skipped
+            try:
+                usable = replace(user, history=history)
+                result = describe(attribute_user(model, usable, population, settings), writer)
+                record: dict[str, Any] = {
+                    "user_id": user.user_id,
+                    "spans": [
+                        {"text": s.text, "score": s.score, "count": s.count} for s in result.spans
+                    ],
+                    "description": result.description,
+                    "html": save_attribution_html(result, out / f"{names[user.user_id]}.html").name,
+                }
+                if layer_map:
+                    first = layer_effects(model, usable, population, settings)[0]
+                    heatmap = out / f"{names[user.user_id]}-layers.png"
+                    record["layer_map"] = save_layer_heatmap(first, heatmap).name
+            except ValueError as error:  # this user's data: the others go on
+                failures[user.user_id] = f"{type(error).__name__}: {error}"
+                continue
+            records.append(record)
+        if not records:
+            raise DataError(f"no user could be attributed ({_reasons(failures)})")
+        config = {"data": data, "method": method, "describer": describer, "backend": backend}
+        report: dict[str, Any] = {"config": config, "users": records}
+        report.update({"failures": failures} if failures else {})
+        report.update({"skipped_items": skipped_items} if skipped_items else {})
+        write_name_index(out, names)
+        write_text(out / "attribution.json", json.dumps(report, indent=2))
     console.print(f"wrote {out / 'attribution.json'} and {len(records)} HTML views")
+    for user_id, why in failures.items():
+        console.print(f"[yellow]skipped {user_id}: {why}[/yellow]")
 
 
 def pipeline_config(
@@ -171,20 +380,44 @@ def pipeline_config(
 
 
 def read_best(path: Path | None) -> dict[str, Any]:
-    """``best.json`` written by ``steerx sweep`` (layer, alpha), or nothing."""
-    return json.loads(path.read_text()) if path else {}
+    """``layer``, ``alpha`` and ``r`` of a ``best.json`` written by ``steerx sweep`` (those it
+    has), or nothing; a file that is not such a JSON object is an error naming ``--best``."""
+    if path is None:
+        return {}
+
+    def refuse(why: str) -> typer.BadParameter:
+        return typer.BadParameter(f"{path}: {why}", param_hint="'--best'")
+
+    try:
+        best = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise refuse(f"not a readable JSON file ({error})") from None
+    if not isinstance(best, dict):
+        raise refuse("expected a JSON object with layer, alpha and r")
+    kinds = {"layer": (int,), "alpha": (int, float), "r": (int, float)}
+    for key, types in kinds.items():
+        value = best.get(key)
+        if key in best and (not isinstance(value, types) or isinstance(value, bool)):
+            raise refuse(f"{key!r} must be a number, got {value!r:.40}")
+        if key in best and (not math.isfinite(value) or (key != "alpha" and value < 0)):
+            raise refuse(f"{key!r} must be finite{'' if key == 'alpha' else ' and >= 0'}")
+    return {key: best[key] for key in kinds if key in best}
 
 
 @app.command()
 def fit(
-    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "synthetic",
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/fit"),
+    data: DataOption = "synthetic",
+    out: OutOption = Path("runs/fit"),
     users: UsersOption = None,
     backbone: BackboneOption = "mean_diff",
     layer: LayerOption = None,
-    alpha: Annotated[float, typer.Option(help="default steering strength")] = 1.0,
-    mode: Annotated[str, typer.Option(help="steerx | baseline | both")] = "both",
-    describer: Annotated[str, typer.Option(help="template | llm")] = "template",
+    alpha: Annotated[
+        float, typer.Option(help="default steering strength (0: none)", callback=_finite)
+    ] = 1.0,
+    mode: Annotated[
+        Literal["steerx", "baseline", "both"], typer.Option(help="steerx | baseline | both")
+    ] = "both",
+    describer: Annotated[Describer, typer.Option(help="template | llm")] = "template",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
@@ -193,40 +426,51 @@ def fit(
     """Fit SteerX and/or baseline vectors: one vector file per user and mode, plus fit.json."""
     from steerx_lens.data import load_users
     from steerx_lens.pipeline import SteerX
+    from steerx_lens.screening import screen_history
 
-    if mode not in ("steerx", "baseline", "both"):
-        raise typer.BadParameter(f"unknown mode {mode!r}; use steerx, baseline or both")
-    population = load_users(data)
-    model = load_model(backend, tiny, model_source, remote)
+    check_model_options(backend, remote, model_source)
     config = pipeline_config(layer, alpha, backbone, describer)
-    result = SteerX(model, config, cache_dir=out / "cache").fit_many(
-        population[:users] if users else population
-    )
-    result.population.save(out / "population")
-    modes = ("steerx", "baseline") if mode == "both" else (mode,)
-    records = []
-    for user_id, fitted in result.users.items():
-        files = {
-            m: getattr(fitted, m).save(out / f"{safe_filename(user_id)}.{m}.safetensors").name
-            for m in modes
-        }
-        records.append(
-            {
-                "user_id": user_id,
-                "vectors": files,
-                "description": fitted.description,
-                "top_spans": [
-                    {"text": s.text, "score": s.score, "count": s.count}
-                    for s in fitted.attribution.spans[:10]
-                ],
+    population = load_users(data)[:users]
+    names = user_file_names([user.user_id for user in population])
+    with out_lock(out):
+        model = load_model(backend, tiny, model_source, remote)
+        pipeline = SteerX(model, config, cache_dir=out / "cache")
+        screened, skipped_items = [], {}
+        for user in population:
+            usable, skipped = screen_history(pipeline, user)
+            screened.append(usable)
+            if skipped:
+                skipped_items[user.user_id] = skipped
+        result = pipeline.fit_many(screened)
+        if not result.users:
+            raise DataError(f"no user could be fitted ({_reasons(result.failures)})")
+        result.population.save(out / "population")
+        modes = ("steerx", "baseline") if mode == "both" else (mode,)
+        records = []
+        for user_id, fitted in result.users.items():
+            files = {
+                m: getattr(fitted, m).save(out / f"{names[user_id]}.{m}.safetensors").name
+                for m in modes
             }
-        )
-    summary = {
-        "config": {"data": data, "backend": backend, **vars(config)},
-        "users": records,
-        "failures": result.failures,
-    }
-    write_text(out / "fit.json", json.dumps(summary, indent=2, default=str))
+            records.append(
+                {
+                    "user_id": user_id,
+                    "vectors": files,
+                    "description": fitted.description,
+                    "top_spans": [
+                        {"text": s.text, "score": s.score, "count": s.count}
+                        for s in fitted.attribution.spans[:10]
+                    ],
+                }
+            )
+        summary: dict[str, Any] = {
+            "config": {"data": data, "backend": backend, **vars(config)},
+            "users": records,
+            "failures": result.failures,
+        }
+        summary.update({"skipped_items": skipped_items} if skipped_items else {})
+        write_name_index(out, names)
+        write_text(out / "fit.json", json.dumps(summary, indent=2, default=str))
     console.print(f"wrote {len(records)} users' vectors and {out / 'fit.json'}")
     for user_id, why in result.failures.items():
         console.print(f"[yellow]skipped {user_id}: {why}[/yellow]")
@@ -236,8 +480,10 @@ def fit(
 def generate(
     vector: Annotated[Path, typer.Option(help="a vector file written by `steerx fit`")],
     prompt: Annotated[str, typer.Option(help="the user message")],
-    alpha: Annotated[float | None, typer.Option(help="strength (default: the vector's)")] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 60,
+    alpha: Annotated[
+        float | None, typer.Option(help="strength (default: the vector's)", callback=_finite)
+    ] = None,
+    max_new_tokens: NewTokensOption = 60,
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
@@ -247,8 +493,10 @@ def generate(
     from steerx_lens.text import build_prompt
     from steerx_lens.vectors import SteeringVector
 
+    steering = SteeringVector.load(vector)  # a bad file is refused before the model loads
+    check_model_options(backend, remote, model_source)
     model = load_model(backend, tiny, model_source, remote)
-    steering = SteeringVector.load(vector, model=model)
+    steering.check_model(model)
     text = build_prompt(get_adapter(model).tokenizer, prompt)
     out = hooks.generate(model, [text], steering.to_steer(alpha), max_new_tokens=max_new_tokens)
     typer.echo(out.texts[0].strip())
@@ -256,25 +504,30 @@ def generate(
 
 @app.command(name="eval")
 def evaluate(
-    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "health_tweets",
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/eval"),
+    data: DataOption = "health_tweets",
+    out: OutOption = Path("runs/eval"),
     users: UsersOption = None,
     backbone: BackboneOption = "mean_diff",
     layer: LayerOption = None,
-    alpha: Annotated[float, typer.Option(help="steering strength")] = 1.0,
-    r: Annotated[float | None, typer.Option(help="strength of SteerX's personal part")] = None,
+    alpha: Annotated[
+        float, typer.Option(help="steering strength (0: none)", callback=_finite)
+    ] = 1.0,
+    r: Annotated[
+        float | None,
+        typer.Option(help="strength of SteerX's personal part (>= 0)", callback=_non_negative),
+    ] = None,
     best: Annotated[Path | None, typer.Option(help="best.json from `steerx sweep`")] = None,
     generations: Annotated[bool, typer.Option(help="also score greedy generations")] = True,
-    max_new_tokens: Annotated[int, typer.Option()] = 40,
-    describer: Annotated[str, typer.Option(help="template | llm")] = "llm",
+    max_new_tokens: NewTokensOption = 40,
+    describer: Annotated[Describer, typer.Option(help="template | llm")] = "llm",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
     max_history: Annotated[
-        int | None, typer.Option(help="keep each user's last N history items")
+        int | None, typer.Option(min=1, help="keep each user's last N history items")
     ] = None,
     users_per_batch: Annotated[
-        int, typer.Option(help="users evaluated together (shared forward batches)")
+        int, typer.Option(min=1, help="users evaluated together (shared forward batches)")
     ] = 8,
     tiny: TinyOption = False,
 ) -> None:
@@ -284,6 +537,7 @@ def evaluate(
     from steerx_lens.data import load_users
     from steerx_lens.evaluation.experiment import Experiment
 
+    check_model_options(backend, remote, model_source)
     chosen = read_best(best)
     config = pipeline_config(
         chosen.get("layer", layer),
@@ -293,26 +547,27 @@ def evaluate(
         chosen.get("r", r),
     )
     population = load_users(data, n_users=users)
-    if max_history:
+    if max_history is not None:
         population = [replace(u, history=u.history[-max_history:]) for u in population]
-    model = load_model(backend, tiny, model_source, remote)
-    info = {
-        "data": data,
-        "backend": backend,
-        "model": model_source or ("tiny" if tiny else "SmolLM2-135M-Instruct"),
-        "max_history": max_history,
-    }
-    experiment = Experiment(
-        model,
-        population,
-        out,
-        config,
-        generations,
-        max_new_tokens,
-        info,
-        users_per_batch=users_per_batch,
-    )
-    metrics = experiment.run()
+    with out_lock(out):
+        model = load_model(backend, tiny, model_source, remote)
+        info = {
+            "data": data,
+            "backend": backend,
+            "model": model_source or ("tiny" if tiny else "SmolLM2-135M-Instruct"),
+            "max_history": max_history,
+        }
+        experiment = Experiment(
+            model,
+            population,
+            out,
+            config,
+            generations,
+            max_new_tokens,
+            info,
+            users_per_batch=users_per_batch,
+        )
+        metrics = experiment.run()
     table = Table(title=f"held-out NLL ({len(metrics.per_user)} users)")
     for column in ("method", "nll", "nll_pref"):
         table.add_column(column)
@@ -330,15 +585,19 @@ def evaluate(
 
 @app.command()
 def sweep(
-    data: Annotated[str, typer.Option(help="users: a path or a built-in name")] = "health_tweets",
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/sweep"),
+    data: DataOption = "health_tweets",
+    out: OutOption = Path("runs/sweep"),
     users: UsersOption = None,
-    layers: Annotated[str, typer.Option(help="start:stop:step or a comma list")] = "4:24:4",
-    alphas: Annotated[str, typer.Option(help="comma list of strengths")] = "0.5,1,2",
+    layers: Annotated[
+        str, typer.Option(help="start:stop:step or a comma list", callback=_layers)
+    ] = "4:24:4",
+    alphas: Annotated[
+        str, typer.Option(help="comma list of strengths (0: none)", callback=_alphas)
+    ] = "0.5,1,2",
     rs: Annotated[
-        str, typer.Option(help="comma list of SteerX personal strengths r")
+        str, typer.Option(help="comma list of SteerX personal strengths r (>= 0)", callback=_rs)
     ] = "0.05,0.1,0.15,0.2",
-    n_validation: Annotated[int, typer.Option(help="validation items per user")] = 2,
+    n_validation: Annotated[int, typer.Option(min=1, help="validation items per user")] = 2,
     backbone: BackboneOption = "mean_diff",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
@@ -349,40 +608,23 @@ def sweep(
     from steerx_lens.data import load_users
     from steerx_lens.sweep import parse_layers, run_sweep
 
-    model = load_model(backend, tiny, model_source, remote)
-    first_layer = parse_layers(layers)[0]
-    config = pipeline_config(first_layer, 1.0, backbone, "template")
-    result = run_sweep(
-        model,
-        load_users(data, n_users=users),
-        parse_layers(layers),
-        [float(a) for a in alphas.split(",")],
-        out,
-        config,
-        rs=[float(r) for r in rs.split(",")],
-        n_validation=n_validation,
-    )
+    check_model_options(backend, remote, model_source)
+    layer_list = parse_layers(layers)
+    population = load_users(data, n_users=users)
+    with out_lock(out):
+        model = load_model(backend, tiny, model_source, remote)
+        config = pipeline_config(layer_list[0], 1.0, backbone, "template")
+        result = run_sweep(
+            model,
+            population,
+            layer_list,
+            _floats(alphas),
+            out,
+            config,
+            rs=_floats(rs, minimum=0.0),
+            n_validation=n_validation,
+        )
     console.print(f"best on validation: {result['best']}; wrote {out / 'best.json'}")
-
-
-@app.command()
-def info() -> None:
-    """Print versions of the stack steerx_lens runs on."""
-    from importlib.metadata import version
-
-    for package in (
-        "steerx-lens",
-        "torch",
-        "transformers",
-        "transformer-lens",
-        "nnsight",
-        "sae-lens",
-    ):
-        typer.echo(f"{package} {version(package)}")
-
-
-if __name__ == "__main__":
-    app()
 
 
 EXPORT_FORMATS = ("gguf", "repeng", "steering-vectors")
@@ -416,8 +658,12 @@ def export_vectors(
 @app.command(name="import")
 def import_vectors(
     path: Annotated[Path, typer.Argument(help="a .gguf control vector or a steering-vectors file")],
-    out: Annotated[Path, typer.Option(help="folder for the vector files (one per layer)")],
-    alpha: Annotated[float, typer.Option(help="strength recorded on the vectors")] = 1.0,
+    out: Annotated[
+        Path, typer.Option(help="folder for the vector files (one per layer)", callback=_out)
+    ],
+    alpha: Annotated[
+        float, typer.Option(help="strength recorded on the vectors", callback=_finite)
+    ] = 1.0,
     backend: BackendOption = "hf",
     model_source: ModelOption = None,
     tiny: TinyOption = False,
@@ -425,20 +671,44 @@ def import_vectors(
     """Read another tool's vector as steerx_lens vector files for the model (one per layer)."""
     from steerx_lens.interop import from_layer_tensors, import_gguf
 
-    model = load_model(backend, tiny, model_source)
-    reader = import_gguf if path.suffix == ".gguf" else from_layer_tensors
-    for vector in reader(path, model, alpha=alpha):
-        target = vector.save(out / f"{path.stem}.{vector.site}.safetensors")
-        typer.echo(f"{target}: {vector.site} (other tools steer every position: positions='all')")
+    check_model_options(backend, "off", model_source)
+    with out_lock(out):
+        model = load_model(backend, tiny, model_source)
+        reader = import_gguf if path.suffix == ".gguf" else from_layer_tensors
+        for vector in reader(path, model, alpha=alpha):
+            target = vector.save(out / f"{path.stem}.{vector.site}.safetensors")
+            typer.echo(
+                f"{target}: {vector.site} (other tools steer every position: positions='all')"
+            )
+
+
+@app.command()
+def info() -> None:
+    """Print versions of the stack steerx_lens runs on."""
+    from importlib.metadata import version
+
+    for package in (
+        "steerx-lens",
+        "torch",
+        "transformers",
+        "transformer-lens",
+        "nnsight",
+        "sae-lens",
+    ):
+        typer.echo(f"{package} {version(package)}")
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"warning: {message}\n"
 
 
 def main() -> None:
-    """Console entry point: a library error prints as one clear line and exits with status 1."""
-    from steerx_lens.errors import SteerXError
-
+    """Console entry point: offline unless told otherwise, warnings as one line each, then the
+    app (which prints every error as one line and exits with status 1, or 2 for options)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a program may set its own environment
-    try:
-        app()
-    except SteerXError as error:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {error}")
-        raise SystemExit(1) from None
+    warnings.formatwarning = _warning_line
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -224,7 +224,9 @@ class Intervention(Protocol):
 class SupportsToSteer(Protocol):
     """An object that becomes a :class:`Steer` (e.g. a :class:`~steerx_lens.vectors.SteeringVector`)."""
 
-    def to_steer(self) -> Steer: ...
+    def to_steer(self) -> Steer:
+        """The :class:`Steer` that applies this object."""
+        ...
 
 
 InterventionLike = Union[Intervention, SupportsToSteer]

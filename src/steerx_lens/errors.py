@@ -44,3 +44,13 @@ class ContextLengthError(SteerXError, ValueError):
 
 class InterventionTypeError(SteerXError, TypeError):
     """An object passed where an intervention is expected (hooks.Steer, a SteeringVector, ...)."""
+
+
+class DataError(SteerXError, ValueError):
+    """User data that cannot be used: a file that is not UTF-8 or not JSON, a wrong field, a
+    duplicate user id, or no usable user left; the message names the file and line, or the
+    user and item."""
+
+
+class OutputLockedError(SteerXError, RuntimeError):
+    """An output folder that another run is writing to (see :func:`steerx_lens.runs.out_lock`)."""

@@ -117,14 +117,17 @@ def steerx_combination(
     residual_norm: float,
     alpha: float,
 ) -> Float[Tensor, " d_model"]:
-    """The SteerX vector ``shared + (r·‖h‖ / alpha)·v̂``: steering with ``alpha`` adds
+    """The SteerX vector ``shared + (r·‖h‖ / |alpha|)·v̂``: steering with ``alpha > 0`` adds
     ``alpha·shared + r·‖h‖·v̂``, so the personal part's strength does not depend on ``alpha``.
 
-    ``direction`` is the unit personal direction v̂; None (no minimal pair) gives ``shared``.
+    A negative ``alpha`` negates the whole vector, personal part included (it adds
+    ``-(|alpha|·shared + r·‖h‖·v̂)``); ``alpha = 0`` is no steering, and the vector stored is
+    then the one for ``alpha = 1``. ``direction`` is the unit personal direction v̂; None (no
+    minimal pair) gives ``shared``.
     """
     if direction is None:
         return shared
-    return shared + (r * residual_norm / alpha) * direction
+    return shared + (r * residual_norm / (abs(alpha) or 1.0)) * direction
 
 
 @dataclass
@@ -157,12 +160,14 @@ class UserSteering:
 class Population:
     """What SteerX needs from other users at one site: their histories (counterfactual
     contexts), the shared vector and the residual-norm scale. Saved as ``users.jsonl`` +
-    ``shared.safetensors`` + ``population.json``."""
+    ``shared.safetensors`` + ``population.json``. ``failures`` are the users left out because
+    their baseline vector could not be built (why)."""
 
     users: list[UserHistory]
     shared: SteeringVector
     residual_norm: float
     baselines: dict[str, SteeringVector] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def site(self) -> str:
@@ -356,7 +361,8 @@ class SteerX:
 
     def build_population(self, users: Sequence[UserHistory], site: str | None = None) -> Population:
         """Baseline vectors of ``users`` at ``site`` → their mean (the shared vector) and the
-        residual-norm scale."""
+        residual-norm scale. A user whose baseline fails on its data (a ``ValueError``, e.g.
+        an item longer than the model's context) is left out and listed in ``failures``."""
         site = site or self.config.site
         self.adapter.resolve(site)
         usable = [user for user in users if user.history]
@@ -365,9 +371,15 @@ class SteerX:
                 "SteerX needs a population of at least 2 users with histories (other users' "
                 "contexts are the counterfactuals and their mean vector is the shared part)"
             )
-        baselines = {}
+        baselines, failures = {}, {}
         for user in tqdm(usable, desc="baseline vectors", disable=not self.progress):
-            baselines[user.user_id] = self.baseline_vector(user, site)
+            try:
+                baselines[user.user_id] = self.baseline_vector(user, site)
+            except ValueError as error:
+                failures[user.user_id] = f"{type(error).__name__}: {error}"
+        usable = [user for user in usable if user.user_id in baselines]
+        if len(usable) < 2:
+            raise SteerXError(f"fewer than 2 users left for the population; failed: {failures}")
         shared = torch.stack([v.vector for v in baselines.values()]).mean(0)
         tokenizer = self.adapter.tokenizer
         texts = [encode_item(tokenizer, item) for user in usable for item in user.history[:4]]
@@ -377,6 +389,7 @@ class SteerX:
             self._vector(shared, "shared", None, site, n_users=len(baselines)),
             norm,
             baselines,
+            failures,
         )
 
     def personal_direction(
@@ -464,6 +477,7 @@ class SteerX:
         site) is reused; the result carries every user's evidence."""
         failures = {user.user_id: "empty history" for user in users if not user.history}
         population = self.build_population(users, site)
+        failures.update(population.failures)
         gathered = dict(evidence or {})
         fitted: dict[str, UserSteering] = {}
         for user in tqdm(population.users, desc="SteerX users", disable=not self.progress):

@@ -36,12 +36,13 @@ def split_users(
     users: Sequence[UserHistory], n_validation: int
 ) -> tuple[list[UserHistory], dict[str, list[HistoryItem]]]:
     """Training users (history minus the last ``n_validation`` items, *no held-out items*) and
-    each user's validation items."""
+    each user's validation items. Users with fewer than ``n_validation + 2`` history items are
+    left out (at least 2 items must remain to train on)."""
     train, validation = [], {}
     for user in users:
-        history, held_apart = user.split_validation(n_validation)
-        if len(history) < 2 or not held_apart:
+        if len(user.history) < n_validation + 2:
             continue
+        history, held_apart = user.split_validation(n_validation)
         train.append(UserHistory(user.user_id, history, [], dict(user.meta)))
         validation[user.user_id] = held_apart
     if len(train) < 2:

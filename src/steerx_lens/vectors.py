@@ -3,14 +3,18 @@
 A :class:`SteeringVector` is a ``[d_model]`` tensor plus where it belongs (site, layer, the
 model's fingerprint) and how it was made (backbone, ``baseline``/``steerx`` mode, description).
 Files are safetensors with the metadata stored in the safetensors header (one JSON string under
-the key ``"steerx"``), written atomically; loading checks the format version, the tensor and,
-when a model is given, the model fingerprint.
+the key ``"steerx"``), written atomically; the same vector gives the same bytes (no creation time
+unless one is set). Loading checks the format version, the metadata against
+:data:`METADATA_SCHEMA` (unknown keys are ignored with a warning, missing or mistyped ones
+refused), the tensor against its recorded width and dtype and, when a model is given, the model
+fingerprint.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,8 +22,8 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from steerx_lens.atomic import write_bytes
@@ -30,6 +34,25 @@ FORMAT_VERSION = 1
 TENSOR_KEY = "vector"
 METADATA_KEY = "steerx"
 Mode = Literal["baseline", "steerx", "shared", "other"]
+_TEXT = (str,)
+_OPTIONAL_TEXT = (str, type(None))
+METADATA_SCHEMA: dict[str, tuple[type, ...]] = {
+    "site": _TEXT,
+    "model_fingerprint": _TEXT,
+    "backbone": _TEXT,
+    "mode": _TEXT,
+    "alpha": (int, float),
+    "user_id": _OPTIONAL_TEXT,
+    "description": _OPTIONAL_TEXT,
+    "extra": (dict,),
+    "library_version": _TEXT,
+    "format_version": (int,),
+    "d_model": (int,),
+    "dtype": _TEXT,
+}
+"""Required keys of a vector file's metadata and their JSON types (``created``, a number, is
+optional)."""
+OPTIONAL_METADATA: dict[str, tuple[type, ...]] = {"created": (int, float, type(None))}
 
 
 class VectorFileError(SteerXError, ValueError):
@@ -58,7 +81,7 @@ class SteeringVector:
     description: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     library_version: str = field(default_factory=library_version)
-    created: float = field(default_factory=time.time)
+    created: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, Tensor) or self.vector.ndim != 1:
@@ -93,7 +116,7 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ arithmetic
     def _with(self, vector: Tensor, **changes: Any) -> SteeringVector:
-        return replace(self, vector=vector, created=time.time(), **changes)
+        return replace(self, vector=vector, created=None, **changes)
 
     def _check_compatible(self, other: SteeringVector) -> None:
         if (other.site, other.model_fingerprint) != (self.site, self.model_fingerprint):
@@ -159,10 +182,12 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
-        """The JSON header stored under ``"steerx"``: every field but the tensor, plus
-        ``format_version``, ``d_model`` and ``dtype``."""
+        """The JSON header stored under ``"steerx"``: every field but the tensor (``created``
+        only when set), plus ``format_version``, ``d_model`` and ``dtype``."""
         data = asdict(self)
         data.pop("vector")
+        if data["created"] is None:
+            data.pop("created")
         data["format_version"] = FORMAT_VERSION
         data["d_model"] = self.d_model
         data["dtype"] = str(self.vector.dtype).removeprefix("torch.")
@@ -177,36 +202,89 @@ class SteeringVector:
         return write_bytes(path, data)
 
     @classmethod
+    def from_metadata(cls, vector: Tensor, meta: Any, where: str = "vector") -> SteeringVector:
+        """The vector of a file's ``tensor`` and metadata, both checked; ``where`` names the
+        file in errors.
+
+        Raises :class:`VectorFileError` for a newer format version, a missing or mistyped key
+        of :data:`METADATA_SCHEMA`, a tensor that is not 1-D floating point, or a tensor whose
+        width or dtype differs from the recorded ``d_model`` / ``dtype`` or from the model
+        fingerprint. Unknown keys (written by a newer steerx_lens) are ignored with a warning.
+        """
+        if not isinstance(meta, dict):
+            raise VectorFileError(f"{where}: the metadata is not a JSON object")
+        found = meta.get("format_version")
+        if not isinstance(found, int) or isinstance(found, bool) or found > FORMAT_VERSION:
+            raise VectorFileError(
+                f"{where} has vector format version {found}; this steerx_lens reads up to "
+                f"{FORMAT_VERSION}: upgrade steerx_lens"
+            )
+        missing = sorted(set(METADATA_SCHEMA) - set(meta))
+        if missing:
+            raise VectorFileError(f"{where}: metadata key(s) {missing} missing")
+        schema = {**METADATA_SCHEMA, **OPTIONAL_METADATA}
+        unknown = sorted(set(meta) - set(schema))
+        if unknown:
+            warnings.warn(
+                f"{where}: ignored unknown metadata key(s) {unknown} (a newer steerx_lens?)",
+                stacklevel=2,
+            )
+        for key, types in schema.items():
+            value = meta.get(key)
+            if key in meta and (not isinstance(value, types) or isinstance(value, bool)):
+                raise VectorFileError(
+                    f"{where}: metadata {key!r} has the wrong type: {value!r:.60}"
+                )
+        if not math.isfinite(meta["alpha"]):
+            raise VectorFileError(f"{where}: metadata 'alpha' is not finite: {meta['alpha']}")
+        dtype = str(vector.dtype).removeprefix("torch.")
+        if vector.ndim != 1 or not vector.is_floating_point():
+            raise VectorFileError(
+                f"{where}: the tensor must be 1-D floating point, got {dtype} {tuple(vector.shape)}"
+            )
+        if (meta["d_model"], meta["dtype"]) != (vector.shape[0], dtype):
+            raise VectorFileError(
+                f"{where}: the tensor is {dtype} of width {vector.shape[0]}, the metadata says "
+                f"{meta['dtype']} of width {meta['d_model']}"
+            )
+        fields = {
+            key: meta[key] for key in schema if key in meta and key in cls.__dataclass_fields__
+        }
+        try:
+            width = int(meta["model_fingerprint"].split(":")[0].split("x")[1])
+        except (IndexError, ValueError):
+            raise VectorFileError(
+                f"{where}: malformed model fingerprint {meta['model_fingerprint']!r}"
+            ) from None
+        if width != vector.shape[0]:
+            raise VectorFileError(
+                f"{where}: the tensor has width {vector.shape[0]} but the model fingerprint "
+                f"{meta['model_fingerprint']} says d_model {width}"
+            )
+        return cls(vector=vector, **fields)
+
+    @classmethod
     def load(cls, path: str | Path, model: Any = None) -> SteeringVector:
-        """Read a vector file; with ``model``, also check it was made on that model."""
+        """Read a vector file (checked by :meth:`from_metadata`); with ``model``, also check it
+        was made on that model."""
         path = Path(path)
         if not path.is_file():
             raise VectorFileError(f"no vector file at {path}")
         try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
+                tensor = handle.get_tensor(TENSOR_KEY) if TENSOR_KEY in handle.keys() else None
         except (SafetensorError, OSError, ValueError) as error:
             raise VectorFileError(
                 f"{path} is not a readable vector file (truncated or corrupt): {error}"
             ) from error
-        if METADATA_KEY not in header or TENSOR_KEY not in tensors:
+        if METADATA_KEY not in header or tensor is None:
             raise VectorFileError(f"{path} is a safetensors file but not a steerx_lens vector")
         try:
             meta = json.loads(header[METADATA_KEY])
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise VectorFileError(f"{path}: corrupt metadata ({error})") from error
-        found = meta.pop("format_version", None)
-        if not isinstance(found, int) or found > FORMAT_VERSION:
-            raise VectorFileError(
-                f"{path} has vector format version {found}; this steerx_lens reads up to "
-                f"{FORMAT_VERSION}: upgrade steerx_lens"
-            )
-        meta.pop("d_model", None)
-        meta.pop("dtype", None)
-        vector = cls(vector=tensors[TENSOR_KEY], **meta)
+        vector = cls.from_metadata(tensor, meta, str(path))
         if model is not None:
             vector.check_model(model)
         return vector

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from steerx_lens.atomic import safe_filename, write_text
+from steerx_lens.atomic import write_text
 from steerx_lens.evaluation.results import PairedStats, RunMetrics
 from steerx_lens.figures import new_figure, save_png
+from steerx_lens.runs import user_file_names
 
 METHOD_NOTES = {
     "none": "no steering",
@@ -79,9 +81,20 @@ def plot_margins(metrics: RunMetrics, path: Path) -> Path:
     return save_png(figure, path)
 
 
-def write_report(metrics: RunMetrics, out: str | Path) -> Path:
-    """Write ``report.md`` (tables, paired statistics, descriptions, links) and its plots."""
+def write_report(
+    metrics: RunMetrics,
+    out: str | Path,
+    names: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``report.md`` (tables, paired statistics, descriptions, links) and its plots.
+
+    ``names`` maps user ids to their file names (default: :func:`user_file_names` of the
+    evaluated users); ``notes`` are lines about the run itself (e.g. how many users were
+    reused), listed under the first paragraph.
+    """
     out = Path(out)
+    names = names or user_file_names([user.user_id for user in metrics.per_user])
     plot_methods(metrics, out / "methods.png")
     plot_margins(metrics, out / "margins.png")
     config = metrics.config
@@ -92,6 +105,8 @@ def write_report(metrics: RunMetrics, out: str | Path) -> Path:
         f"`blocks.{config['layer']}.{config['site_kind']}`, backbone `{config['backbone']}`, "
         f"alpha {config['alpha']}, r {config['r']}.",
         "",
+        *(f"- {note}" for note in notes),
+        *([""] if notes else []),
         "Each user's held-out texts are scored under every method. **NLL** is the mean "
         "negative log-likelihood per token of the user's real text (nats, lower is better). "
         "**NLL pref** counts only the *preference-bearing* tokens: those whose probability "
@@ -137,7 +152,7 @@ def write_report(metrics: RunMetrics, out: str | Path) -> Path:
     lines += ["", "![Personalization margin per user](margins.png)", "", "## Users", ""]
     for user in metrics.per_user:
         spans = ", ".join(f"“{s.text.strip()}”" for s in user.top_spans[:6]) or "none"
-        name = safe_filename(user.user_id)
+        name = names[user.user_id]
         nll = {method: scores.nll for method, scores in user.scores.items()}
         lines += [
             f"### {user.user_id}",
@@ -155,4 +170,7 @@ def write_report(metrics: RunMetrics, out: str | Path) -> Path:
     if metrics.failures:
         lines += ["## Users not evaluated", ""]
         lines += [f"- {uid}: {why}" for uid, why in metrics.failures.items()]
+    if metrics.skipped_items:
+        lines += ["", "## Items not used", ""]
+        lines += [f"- {why}" for reasons in metrics.skipped_items.values() for why in reasons]
     return write_text(out / "report.md", "\n".join(lines) + "\n")

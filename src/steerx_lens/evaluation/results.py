@@ -8,7 +8,7 @@ the JSON form are part of the format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from steerx_lens.attribution import Span
@@ -164,20 +164,25 @@ class RunStats:
 @dataclass(frozen=True)
 class RunMetrics:
     """A whole run: its configuration, per-method means over users, the users' records, the
-    paired statistics and the users that were not evaluated (why)."""
+    paired statistics, the users that were not evaluated (why) and the items that could not be
+    used (per user: why)."""
 
     config: dict[str, Any]
     methods: dict[str, dict[Metric, float | None]]
     per_user: list[UserRecord]
     stats: RunStats
     failures: dict[str, str]
+    skipped_items: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON form of ``metrics.json``."""
-        return {
+        """The JSON form of ``metrics.json`` (``skipped_items`` only when there are some)."""
+        data = {
             "config": self.config,
             "methods": self.methods,
             "per_user": [record.to_json() for record in self.per_user],
             "stats": self.stats.to_json(),
             "failures": self.failures,
         }
+        if self.skipped_items:
+            data["skipped_items"] = self.skipped_items
+        return data

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from steerx_lens.data.io import parse_json, read_text
 from steerx_lens.data.schema import HistoryItem, UserHistory
+from steerx_lens.errors import DataError
 
 LAMP_OUTPUT_FIELDS = ("text", "abstract", "reviewText", "review", "content", "answer", "output")
 """Profile fields taken as the user's text, first present (non-empty) one wins."""
@@ -26,11 +27,11 @@ def _first_field(entry: dict[str, Any], names: Sequence[str]) -> tuple[str, str]
 
 def _read_lamp_golds(path: Path) -> dict[str, str]:
     """LaMP gold outputs: ``{"golds": [{"id", "output"}, ...]}`` or a plain list of those."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = parse_json(read_text(path), str(path))
     golds = data.get("golds") if isinstance(data, dict) else data
-    if not isinstance(golds, list):
-        raise ValueError(f"{path}: expected a list of {{'id', 'output'}} under 'golds'")
-    return {str(g["id"]): g["output"] for g in golds}
+    if not isinstance(golds, list) or not all(isinstance(g, dict) and "id" in g for g in golds):
+        raise DataError(f"{path}: expected a list of {{'id', 'output'}} under 'golds'")
+    return {str(g["id"]): g.get("output") for g in golds}
 
 
 def read_lamp(
@@ -52,22 +53,23 @@ def read_lamp(
     ``input_fields=("text", "abstract")``.
     """
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    records = parse_json(read_text(path), str(path))
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of LaMP records")
+        raise DataError(f"{path}: expected a JSON list of LaMP records")
     golds = _read_lamp_golds(Path(gold_path)) if gold_path is not None else {}
     users = []
     for index, record in enumerate(records):
         where = f"{path}: record {index}"
-        if not isinstance(record, dict) or "input" not in record or "profile" not in record:
-            raise ValueError(f"{where}: a LaMP record needs 'input' and 'profile'")
+        if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+            raise DataError(f"{where}: a LaMP record needs a string 'input' and a 'profile'")
+        if not isinstance(record.get("profile"), list) or not all(
+            isinstance(entry, dict) for entry in record["profile"]
+        ):
+            raise DataError(f"{where}: 'profile' must be a list of objects")
         record_id = str(record.get("id", index))
         output = record.get("output", golds.get(record_id))
         if not isinstance(output, str):
-            raise ValueError(f"{where}: no output inline or in the gold file for id {record_id!r}")
+            raise DataError(f"{where}: no output inline or in the gold file for id {record_id!r}")
         history = []
         for entry in record["profile"]:
             found_out = _first_field(entry, output_fields)

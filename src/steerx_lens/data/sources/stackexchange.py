@@ -8,6 +8,7 @@ from typing import Any
 
 from steerx_lens.data.io import iter_jsonl
 from steerx_lens.data.schema import HistoryItem, UserHistory
+from steerx_lens.errors import DataError
 
 SE_BODY_CHARS = 600
 """Question bodies are cut to this many characters (at a word boundary, then "…")."""
@@ -62,8 +63,8 @@ def read_stackexchange(path: str | Path, body_chars: int = SE_BODY_CHARS) -> lis
                     meta={"source": "stackexchange", **obj.get("meta", {})},
                 )
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}:{lineno}: not a Stack Exchange user record ({err})") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path}:{lineno}: not a Stack Exchange user record ({err})") from None
     return users
 
 
