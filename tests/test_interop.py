@@ -171,8 +171,11 @@ def test_steering_vectors_apply_and_steerx_lens_give_the_same_logits(
             shifted = sharp(input_ids=ids).logits
         assert max_diff(shifted, theirs) > 0.05
     # our default positions (prompt_last_and_generated) would not steer the earlier tokens
-    only_last = hooks.run(sharp, ids, *(v.to_steer(alpha=2.5) for v in vectors))
+    positions = "prompt_last_and_generated"  # steerx_lens's own default for its vectors
+    only_last = hooks.run(sharp, ids, *(v.to_steer(2.5, positions) for v in vectors))
     assert max_diff(only_last[:, :-1], theirs[:, :-1]) > 0.1
+    by_default = hooks.run(sharp, ids, *(v.to_steer(alpha=2.5) for v in vectors))
+    assert max_diff(by_default, theirs) <= 1e-5  # imported vectors steer every position
 
 
 def test_steering_vectors_conversion_errors_are_one_line(model: Any, sv_lib: ModuleType) -> None:

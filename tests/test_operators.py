@@ -118,3 +118,34 @@ def test_a_steering_vector_is_an_intervention_everywhere() -> None:
     )
     with pytest.raises(InterventionTypeError, match="str is not an intervention"):
         hooks.run(model, ["Hello"], "blocks.1.hook_resid_post")  # type: ignore[arg-type]
+
+
+def test_vector_apply_is_scoped_and_generate_matches_hooks() -> None:
+    model = load_tiny_model("hf")
+    fingerprint = get_adapter(model).fingerprint()
+    vector = SteeringVector(torch.ones(64), "blocks.1.hook_resid_post", fingerprint, alpha=3.0)
+    plain = hooks.run(model, ["Hello world"])
+    with vector.apply(model, positions="all"):
+        inside = hooks.run(model, ["Hello world"])
+    assert torch.allclose(
+        inside, hooks.run(model, ["Hello world"], vector.to_steer(positions="all"))
+    )
+    assert not torch.allclose(inside, plain)
+    assert torch.equal(hooks.run(model, ["Hello world"]), plain)  # hooks removed on exit
+    with pytest.raises(RuntimeError, match="boom"), vector.apply(model):
+        raise RuntimeError("boom")
+    assert torch.equal(hooks.run(model, ["Hello world"]), plain)  # and on error
+    expected = hooks.generate(model, ["Hello"], vector, max_new_tokens=5).texts
+    assert vector.generate(model, ["Hello"], max_new_tokens=5) == expected
+
+
+def test_imported_vectors_steer_every_position_by_default() -> None:
+    model = load_tiny_model("hf")
+    fingerprint = get_adapter(model).fingerprint()
+    ours = SteeringVector(torch.ones(64), "blocks.1.hook_resid_post", fingerprint)
+    imported = SteeringVector(
+        torch.ones(64), "blocks.1.hook_resid_post", fingerprint, extra={"positions": "all"}
+    )
+    assert ours.to_steer().positions == "prompt_last_and_generated"
+    assert imported.to_steer().positions == "all"
+    assert imported.to_steer(positions=slice(0, 1)).positions == slice(0, 1)

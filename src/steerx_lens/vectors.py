@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 
+from steerx_lens import hooks
 from steerx_lens.atomic import write_bytes
 from steerx_lens.errors import ModelMismatchError, NonFiniteError, SteerXError, VectorShapeError
 from steerx_lens.hooks import Positions, Steer
@@ -168,17 +171,45 @@ class SteeringVector:
                 f"this vector was made on model {self.model_fingerprint}, not on {fingerprint}"
             )
 
-    def to_steer(
-        self, alpha: float | None = None, positions: Positions = "prompt_last_and_generated"
-    ) -> Steer:
-        """A :class:`hooks.Steer` (fingerprint-checked when applied); ``alpha`` defaults to ours."""
+    @property
+    def default_positions(self) -> Positions:
+        """Where this vector steers unless told otherwise: ``extra["positions"]`` when recorded
+        (``"all"`` for vectors imported from steering-vectors, repeng or llama.cpp, which steer
+        every token), else the last prompt token and every generated token."""
+        return self.extra.get("positions", "prompt_last_and_generated")
+
+    def to_steer(self, alpha: float | None = None, positions: Positions | None = None) -> Steer:
+        """A :class:`hooks.Steer` (fingerprint-checked when applied); ``alpha`` defaults to ours,
+        ``positions`` to :attr:`default_positions`."""
         return Steer(
             self.site,
             self.vector,
             alpha=self.alpha if alpha is None else alpha,
-            positions=positions,
+            positions=self.default_positions if positions is None else positions,
             model_fingerprint=self.model_fingerprint,
         )
+
+    @contextmanager
+    def apply(
+        self, model: Any, alpha: float | None = None, positions: Positions | None = None
+    ) -> Iterator[Any]:
+        """Steer every forward call of ``model`` inside the block (hooks removed on exit, also
+        on error), like ``steering_vectors.SteeringVector.apply``. Yields the backend adapter."""
+        with hooks.apply(model, self.to_steer(alpha, positions)) as adapter:
+            yield adapter
+
+    def generate(
+        self,
+        model: Any,
+        prompts: str | Sequence[str],
+        alpha: float | None = None,
+        positions: Positions | None = None,
+        max_new_tokens: int = 40,
+    ) -> list[str]:
+        """Greedy completions of ``prompts`` (used as given: wrap them in the chat template
+        with :func:`steerx_lens.text.build_prompt` first where the model expects it)."""
+        steer = self.to_steer(alpha, positions)
+        return hooks.generate(model, prompts, steer, max_new_tokens=max_new_tokens).texts
 
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
