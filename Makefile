@@ -3,7 +3,9 @@
 
 demo:
 	./scripts/bootstrap.sh
-	HF_HUB_OFFLINE=1 .venv/bin/steerx eval --data health_tweets --users 6 --out runs/demo
+	@start=$$(date +%s); \
+	HF_HUB_OFFLINE=1 .venv/bin/steerx eval --data health_tweets --out runs/demo && \
+	echo "make demo: $$(( $$(date +%s) - start )) s wall (16 users, every method and control)"
 
 test:
 	./scripts/bootstrap.sh

@@ -225,21 +225,19 @@ def test_plots_leave_the_backend_and_pyplot_alone(tmp_path: Path) -> None:
         import torch
         from steerx_lens.attribution import LayerEffects
         from steerx_lens.evaluation.report import write_report
-        from steerx_lens.evaluation.results import MethodScores, RunMetrics, RunStats, UserRecord
+        from steerx_lens.evaluation.results import ItemValues, RunMetrics, UserRecord
         from steerx_lens.viz import save_layer_heatmap
 
-        scores = {{m: MethodScores(2.0, 3.0) for m in ("none", "baseline", "steerx", "shared",
-                                                      "history_prompt", "baseline_other",
-                                                      "steerx_other")}}
-        user = UserRecord("u", "key", 4, 1, "likes beer", [], 0, False, scores)
+        items = {{m: {{"nll": ItemValues([2.0], [3]), "nll_distinct": ItemValues([3.0], [1])}}
+                 for m in ("none", "baseline", "steerx", "shared", "history_prompt",
+                           "baseline_other", "steerx_other")}}
+        user = UserRecord("u", "key", 4, {{"nll_distinct": 1}}, "likes beer", [], 0, False,
+                          items, {{"steerx": 0.1}})
         config = {{"layer": 1, "site_kind": "hook_resid_post", "backbone": "mean_diff",
                    "alpha": 1.0, "r": 0.1}}
-        methods = {{m: s.as_dict() for m, s in scores.items()}}
+        methods = {{m: {{"nll": 2.0, "nll_distinct": 3.0}} for m in items}}
         out = {str(tmp_path)!r}
-        stats = {{"baseline": {{"nll": None, "nll_pref": None}},
-                  "steerx": {{"nll": None, "nll_pref": None}}}}
-        gains = {{ref: {{}} for ref in ("none", "shared", "baseline")}}
-        metrics = RunMetrics(config, methods, [user], RunStats(stats, gains), {{}})
+        metrics = RunMetrics(config, methods, [user], [], None, None, {{}})
         write_report(metrics, out)
         effects = LayerEffects("u", 0, [0, 1], ["a", "b"], torch.arange(2), torch.ones(2, 2))
         save_layer_heatmap(effects, out + "/layers.png")

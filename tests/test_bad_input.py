@@ -90,7 +90,8 @@ def test_editing_a_users_items_recomputes_every_user(tmp_path: Path) -> None:
     assert "- 0 of 3 users reused" in (out / "report.md").read_text()
     before, after = first["per_user"], second["per_user"]
     assert after[1]["n_heldout_tokens"] < before[1]["n_heldout_tokens"]  # the new text
-    assert after[0]["shared"]["nll"] != before[0]["shared"]["nll"]  # the population changed
+    # the population changed: the leave-one-out shared vector of another user moved
+    assert after[0]["scores"]["shared"]["nll"] != before[0]["scores"]["shared"]["nll"]
     assert all(a["config_key"] != b["config_key"] for a, b in zip(after, before, strict=True))
 
     assert invoke(*EVAL, "--data", data, "--out", out).exit_code == 0  # nothing changed
@@ -193,17 +194,12 @@ def test_alpha_zero_is_no_steering_and_negative_alpha_negates_everything() -> No
     generator = torch.Generator().manual_seed(0)
     shared, direction = torch.randn(64, generator=generator), torch.randn(64, generator=generator)
     direction = direction / direction.norm()
-    options = {"r": 0.15, "residual_norm": 7.0}
-    for alpha in (0.5, 1.0, 2.0):  # the stored numbers of alpha > 0 did not change
-        old = shared + (0.15 * 7.0 / alpha) * direction
-        assert torch.equal(steerx_combination(shared, direction, alpha=alpha, **options), old)
-    at_zero = steerx_combination(shared, direction, alpha=0.0, **options)
-    assert torch.equal(0.0 * at_zero, torch.zeros(64))  # applied with alpha 0: nothing added
-    for alpha in (-0.5, -2.0):
-        vector = steerx_combination(shared, direction, alpha=alpha, **options)
-        positive = steerx_combination(shared, direction, alpha=-alpha, **options)
-        assert torch.allclose(alpha * vector, -(-alpha * positive), atol=1e-6)
-        assert torch.allclose(alpha * vector, alpha * shared - 0.15 * 7.0 * direction, atol=1e-5)
+    vector = steerx_combination(shared, direction, r=0.15, residual_norm=7.0)
+    assert torch.allclose(vector, shared + 0.15 * 7.0 * direction)  # the vector added at alpha 1
+    assert torch.equal(0.0 * vector, torch.zeros(64))  # applied with alpha 0: nothing added
+    for alpha in (-0.5, -2.0):  # alpha scales the whole vector, personal part included
+        assert torch.allclose(alpha * vector, alpha * shared + alpha * 1.05 * direction, atol=1e-5)
+    assert torch.equal(steerx_combination(shared, None, r=0.15, residual_norm=7.0), shared)
 
 
 def test_a_sweep_with_alpha_zero_runs_and_alpha_zero_changes_nothing(tmp_path: Path) -> None:
@@ -212,8 +208,8 @@ def test_a_sweep_with_alpha_zero_runs_and_alpha_zero_changes_nothing(tmp_path: P
     result = invoke(*args, "--rs", "0.1", "--n-validation", "1", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     sweep = user_json(tmp_path / "out", "sweep.json")
-    for method in ("baseline", "shared", "steerx"):
-        assert sweep["nll_change"][method][0][0] == 0.0  # alpha 0 = no steering, exactly
+    for method in ("baseline", "shared", "steerx", "decomposed_baseline", "random_swap"):
+        assert sweep["nll_change"][method][0][0][0] == 0.0  # alpha 0 = no steering, exactly
 
 
 def test_library_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -238,7 +234,8 @@ def test_an_over_long_item_is_skipped_and_every_user_is_evaluated(tmp_path: Path
     users[0].history.append(HistoryItem("Tell me everything.", LONG_TEXT))
     users[1].heldout.insert(0, HistoryItem("And now?", LONG_TEXT))
     save_users(users, tmp_path / "users.jsonl")
-    result = invoke(*EVAL, "--data", tmp_path / "users.jsonl", "--out", tmp_path / "out")
+    data = tmp_path / "users.jsonl"
+    result = invoke(*EVAL, "--data", data, "--n-validation", "0", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     metrics = user_json(tmp_path / "out", "metrics.json")
     assert [u["user_id"] for u in metrics["per_user"]] == [u.user_id for u in users]

@@ -5,27 +5,31 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from steerx_lens import hooks
 from steerx_lens.attribution import Span
+from steerx_lens.attribution.effects import _counterfactual_users
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import UserHistory, make_synthetic_users
-from steerx_lens.evaluation.experiment import Experiment
+from steerx_lens.evaluation.cells import STEERED_METHODS, Cell, read_cells
+from steerx_lens.evaluation.experiment import Experiment, _item_values
+from steerx_lens.evaluation.masks import distinct_spans, planted_spans, span_masks
 from steerx_lens.evaluation.metrics import (
     ALL_METHODS,
     encode_for_eval,
     generation_scores,
-    paired_stats,
     token_nll,
 )
-from steerx_lens.evaluation.results import GenerationScores, MethodScores, UserRecord
+from steerx_lens.evaluation.results import ItemValues, UserRecord
 from steerx_lens.models import load_tiny_model
-from steerx_lens.pipeline import SteerXConfig
+from steerx_lens.pipeline import SteerX, SteerXConfig, decomposed_baseline
 from steerx_lens.sweep import parse_layers, run_sweep
 
 CONFIG = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256)
@@ -47,16 +51,6 @@ def test_generation_scores_on_hand_checked_cases() -> None:
     half = generation_scores(["the cat"], ["the dog"])
     assert half.rouge1 == pytest.approx(50.0) and half.rougeL == pytest.approx(50.0)
     assert generation_scores(["xyz"], ["the dog"]).rouge1 == 0.0
-
-
-def test_paired_stats_on_hand_checked_cases() -> None:
-    stats = paired_stats([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-    assert stats.mean == 3.5 and stats.n == 6 and stats.n_positive == 6
-    assert 1.0 <= stats.ci_low < 3.5 < stats.ci_high <= 6.0
-    assert stats.wilcoxon_p == pytest.approx(0.03125)  # exact two-sided, all 6 positive
-    assert paired_stats([0.0, 0.0]).wilcoxon_p is None
-    with pytest.raises(ValueError):
-        paired_stats([])
 
 
 def test_token_nll_matches_a_manual_computation(tiny: Any, users: list) -> None:
@@ -86,16 +80,36 @@ def test_eval_writes_the_documented_schema_and_resumes(
     options = {"max_new_tokens": 4, "progress": False, "users_per_batch": 2}  # groups of 2 and 1
     metrics = Experiment(tiny, users, tmp_path, CONFIG, **options).run()
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(on_disk) >= {"config", "methods", "per_user", "stats"}
+    assert list(on_disk)[:5] == ["config", "primary", "methods", "comparisons", "generation_check"]
     assert set(on_disk["methods"]) == set(ALL_METHODS)
-    for method in ("none", "baseline", "steerx", "history_prompt", "shared"):
-        assert set(on_disk["methods"][method]) == {"nll", "nll_pref", "rouge1", "rougeL", "bleu"}
-        assert math.isfinite(on_disk["methods"][method]["nll"])
-    for method in ("baseline_other", "steerx_other"):
-        assert "nll" in on_disk["methods"][method]
+    for method in ALL_METHODS:
+        values = on_disk["methods"][method]
+        assert {"nll", "nll_distinct", "nll_marker", "nll_pref", "rougeL", "bleu"} <= set(values)
+        assert math.isfinite(values["nll"]) and values["n_users_nll"] == len(users)
+        assert values["n_users_nll_marker"] == len(users)  # synthetic users: planted markers
+    for method in ("shared", "baseline", "steerx", "decomposed_baseline", "random_swap"):
+        assert on_disk["methods"][method]["steering_norm"] > 0
+    primary = on_disk["primary"]
+    assert set(primary) == {"a", "b", "metric", "mean", "ci95", "wilcoxon_p", "p_holm", "n_users"}
+    assert (primary["a"], primary["b"], primary["metric"]) == ("steerx", "baseline", "nll")
+    assert primary["ci95"][0] <= primary["mean"] <= primary["ci95"][1]
+    assert primary["n_users"] == len(users)
+    for comparison in on_disk["comparisons"]:
+        assert "p_holm" in comparison
+        if comparison["wilcoxon_p"] is not None:
+            assert comparison["wilcoxon_p"] <= comparison["p_holm"] <= 1.0
+    compared = {(c["a"], c["b"]) for c in on_disk["comparisons"]}
+    assert {("steerx", "decomposed_baseline"), ("steerx", "random_swap")} <= compared
+    assert {("description_prompt", "none"), ("steerx", "steerx_other")} <= compared
+    assert on_disk["generation_check"]["informative"] in (True, False)
+    # per-user steerx NLL is the token-weighted mean of its items
+    record = on_disk["per_user"][0]
+    items = record["items"]["steerx"]["nll"]
+    pooled = sum(v * w for v, w in zip(items["values"], items["weights"], strict=True))
+    assert record["scores"]["steerx"]["nll"] == pytest.approx(pooled / sum(items["weights"]))
     assert [u["user_id"] for u in on_disk["per_user"]] == [u.user_id for u in users]
-    assert set(on_disk["stats"]["personalization_margin"]) == {"baseline", "steerx"}
     assert (tmp_path / "report.md").read_text().startswith("# SteerX evaluation report")
+    assert "## Primary comparison" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "methods.png").exists() and (tmp_path / "margins.png").exists()
     assert metrics.to_json() == on_disk
     first_run = (tmp_path / "metrics.json").read_bytes()
@@ -114,52 +128,88 @@ def test_eval_writes_the_documented_schema_and_resumes(
 
 
 def test_user_records_round_trip_through_json() -> None:
-    generation = GenerationScores(rouge1=50.0, rougeL=40.0, bleu=10.0)
     record = UserRecord(
         user_id="u",
         config_key="key",
         n_heldout_tokens=10,
-        n_pref_tokens=2,
+        mask_tokens={"nll_distinct": 2, "nll_pref": 0},
         description=None,
         top_spans=[Span(" Cheers", 1.5, 2)],
         n_swapped_tokens=3,
         steerx_fallback=False,
-        scores={
-            "none": MethodScores(2.0, None, generation),
-            "steerx_other": MethodScores(1.0, 3.0),
+        items={
+            "none": {"nll": ItemValues([2.0, 4.0], [3, 1]), "rougeL": ItemValues([40.0], [1])},
+            "steerx_other": {"nll_distinct": ItemValues([None, 1.0], [0, 2])},
         },
+        steering_norm={"steerx": 0.2},
         generations={"none": ["hello"]},
     )
     data = json.loads(json.dumps(record.to_json()))
-    assert list(data) == [
-        "user_id",
-        "config_key",
-        "n_heldout_tokens",
-        "n_pref_tokens",
-        "description",
-        "top_spans",
-        "n_swapped_tokens",
-        "steerx_fallback",
-        "none",
-        "steerx_other",
-        "generations",
-    ]
-    assert data["none"] == {
-        "nll": 2.0,
-        "nll_pref": None,
-        "rouge1": 50.0,
-        "rougeL": 40.0,
-        "bleu": 10.0,
+    assert data["scores"] == {
+        "none": {"nll": 2.5, "rougeL": 40.0},
+        "steerx_other": {"nll_distinct": 1.0},
     }
     assert data["top_spans"] == [{"text": " Cheers", "score": 1.5, "count": 2}]
-    assert UserRecord.from_json(data, ALL_METHODS) == record
+    assert UserRecord.from_json(data) == record
 
 
-def test_sweep_never_touches_heldout_items(
-    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_each_method_gets_its_own_best_cell_and_a_sign_flip_check(
+    tiny: Any, tmp_path: Path
 ) -> None:
     users = make_synthetic_users(n_users=3, n_history=5, n_heldout=1, seed=3)
-    heldout_texts = {item.output for user in users for item in user.heldout}
+    result = run_sweep(
+        tiny, users, [0, 1], [-1.0, 1.0, 4.0], tmp_path, CONFIG, rs=(0.1, 0.3), progress=False
+    )
+    best = json.loads((tmp_path / "best.json").read_text())["methods"]
+    assert set(best) == set(STEERED_METHODS)
+    for method, cell in best.items():
+        grid = np.asarray(result["nll_change"][method])
+        assert cell["validation_nll_change"] == pytest.approx(float(np.nanmin(grid)))
+        r_index = result["rs"].index(cell["r"]) if "r" in cell else 0
+        layer_index = result["layers"].index(cell["layer"])
+        alpha_index = result["alphas"].index(cell["alpha"])
+        assert grid[r_index, layer_index, alpha_index] == pytest.approx(
+            cell["validation_nll_change"]
+        )
+        assert ("r" in cell) == (method in ("steerx", "decomposed_baseline", "random_swap"))
+        flip = result["sign_flip"][method]
+        assert flip["alpha"] == -cell["alpha"]
+        assert flip["passed"] == (flip["validation_nll_change"] > cell["validation_nll_change"])
+        assert cell["relative_strength"] > 0
+    cells = read_cells(tmp_path / "best.json", {})
+    assert {m: c.layer for m, c in cells.items()} == {m: c["layer"] for m, c in best.items()}
+    assert os.path.exists(tmp_path / "heatmap_steerx.png")
+
+
+def test_eval_applies_each_methods_own_cell(tiny: Any, users: list, tmp_path: Path) -> None:
+    cells = {"baseline": Cell(0, 2.0), "steerx": Cell(1, 0.5, 0.3)}
+    experiment = Experiment(
+        tiny, users, tmp_path, CONFIG, generate=False, progress=False, cells=cells
+    )
+    fits = experiment.fit()
+    assert sorted(fits) == [0, 1]
+    uid = experiment.users[0].user_id
+    baseline = experiment.method_vector(uid, "baseline", fits)
+    steerx = experiment.method_vector(uid, "steerx", fits)
+    assert (baseline.site, baseline.alpha) == ("blocks.0.hook_resid_post", 2.0)
+    assert (steerx.site, steerx.alpha) == ("blocks.1.hook_resid_post", 0.5)
+    shared = experiment.method_vector(uid, "shared", fits)
+    assert shared.site == "blocks.1.hook_resid_post"  # not named: the config's cell
+    personal = steerx.vector - fits[1].population.shared_for(uid).vector
+    if fits[1].users[uid].personal_direction is not None:
+        expected = 0.3 * fits[1].population.residual_norm
+        assert float(personal.norm()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_no_heldout_or_validation_item_reaches_fitting_sweeping_masks_or_descriptions(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = make_synthetic_users(n_users=3, n_history=6, n_heldout=2, seed=3)
+    for user in users:  # a sentinel word only held-out / validation items contain
+        for item in user.heldout:
+            item.output += " zebraheld"
+        for item in user.history[-2:]:
+            item.output += " quokkaval"
     tokenizer = get_adapter(tiny).tokenizer
     seen: list[str] = []
     adapter_class = type(get_adapter(tiny))
@@ -171,16 +221,120 @@ def test_sweep_never_touches_heldout_items(
         return batch
 
     monkeypatch.setattr(adapter_class, "encode", spying_encode)
-    result = run_sweep(tiny, users, [0, 1], [1.0], tmp_path, CONFIG, rs=(0.1,), progress=False)
+    run_sweep(tiny, users, [1], [1.0], tmp_path / "sweep", CONFIG, rs=(0.1,), progress=False)
     assert seen, "the spy saw no forward passes"
-    assert not any(text in s for text in heldout_texts for s in seen)
-    best = json.loads((tmp_path / "best.json").read_text())
-    assert best["layer"] in (0, 1)
-    cell = (result["layers"].index(best["layer"]), result["alphas"].index(best["alpha"]))
-    for method in ("baseline", "shared"):  # the controls at SteerX's chosen cell
-        assert best[f"{method}_nll_change"] == result["nll_change"][method][cell[0]][cell[1]]
-    assert len(result["nll_change"]["steerx"]) == 2
-    assert os.path.exists(tmp_path / "heatmap_steerx.png")
+    assert not any("zebraheld" in text for text in seen), "the sweep read a held-out item"
+    seen.clear()
+    experiment = Experiment(tiny, users, tmp_path / "eval", CONFIG, progress=False)
+    fits = experiment.fit()
+    spans = distinct_spans(experiment.users)
+    assert seen
+    assert not any("zebraheld" in t or "quokkaval" in t for t in seen), "fit read held-out"
+    for fit in fits.values():
+        for fitted in fit.users.values():
+            assert "zebraheld" not in (fitted.description or "")
+            assert "quokkaval" not in (fitted.description or "")
+    # the distinctive terms come from fit items only: the sentinels are in no mask
+    for user in experiment.users:
+        for item, item_spans in zip(user.heldout, spans[user.user_id], strict=True):
+            assert all("zebraheld" not in item.output[a:b] for a, b in item_spans)
+
+
+def test_the_shared_vector_of_a_user_holds_no_trace_of_its_baseline(tiny: Any, users: list) -> None:
+    pipeline = SteerX(tiny, CONFIG, progress=False)
+    population = pipeline.build_population(users)
+    first, second = users[0].user_id, users[1].user_id
+    before = population.shared_for(first).vector.clone()
+    expected = torch.stack(
+        [v.vector for uid, v in population.baselines.items() if uid != first]
+    ).mean(0)
+    assert torch.allclose(before, expected, atol=1e-6)
+    population.baselines[first] = population.baselines[first] * 100.0  # change u's baseline
+    assert torch.equal(population.shared_for(first).vector, before)
+    assert not torch.allclose(population.shared_for(second).vector, before)
+    fitted = pipeline.fit_many(users)
+    for uid, user_fit in fitted.users.items():
+        shared = fitted.population.shared_for(uid).vector
+        direction = user_fit.personal_direction
+        personal = user_fit.steerx.vector - shared
+        if direction is None:
+            assert torch.allclose(personal, torch.zeros_like(personal))
+        else:
+            assert torch.allclose(personal / personal.norm(), direction, atol=1e-4)
+
+
+def test_counterfactual_users_are_drawn_per_user_and_not_by_population_order() -> None:
+    population = make_synthetic_users(n_users=10, n_history=2, n_heldout=0, seed=1)
+    draws = {
+        user.user_id: tuple(u.user_id for u in _counterfactual_users(user, population, 2, 0))
+        for user in population
+    }
+    assert len(set(draws.values())) >= 6  # 10 users, C(9, 2) = 36 possible pairs
+    for user in population:
+        assert user.user_id not in draws[user.user_id]
+        shuffled = list(reversed(population))
+        again = tuple(u.user_id for u in _counterfactual_users(user, shuffled, 2, 0))
+        assert again == draws[user.user_id]
+
+
+def test_decomposed_baseline_has_steerx_strength_along_the_baseline() -> None:
+    generator = torch.Generator().manual_seed(0)
+    baseline, shared = torch.randn(64, generator=generator), torch.randn(64, generator=generator)
+    control = decomposed_baseline(baseline, shared, 1.5)
+    personal = control - shared
+    assert float(personal.norm()) == pytest.approx(1.5, rel=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(personal, baseline - shared, dim=0)
+    assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(decomposed_baseline(baseline, shared, 0.0), shared)
+
+
+def test_random_swap_pairs_swap_as_many_tokens_at_other_positions(tiny: Any, users: list) -> None:
+    pipeline = SteerX(tiny, replace(CONFIG, swap_threshold=0.0), progress=False)
+    population = pipeline.build_population(users)
+    evidence = pipeline.evidence(users[0], population)
+    causal, random_pairs = evidence.pairs, pipeline.random_swap_pairs(evidence)
+    assert causal.n_swapped_tokens > 0
+    assert random_pairs.n_swapped_tokens == causal.n_swapped_tokens
+    moved = 0
+    for (original, twin), (_, random_twin) in zip(
+        zip(causal.originals, causal.twins, strict=True),
+        zip(random_pairs.originals, random_pairs.twins, strict=True),
+        strict=True,
+    ):
+        ids = torch.tensor(original.tokens.input_ids)
+        swapped = ids != torch.tensor(twin.tokens.input_ids)
+        randomly = ids != torch.tensor(random_twin.tokens.input_ids)
+        assert int(swapped.sum()) == int(randomly.sum())
+        moved += int((swapped != randomly).any())
+    assert moved > 0, "the random positions are the causal ones"
+    assert pipeline.random_swap_pairs(evidence) == random_pairs  # seeded
+
+
+def test_span_masks_cover_planted_markers_and_are_pure_functions_of_text(tiny: Any) -> None:
+    users = make_synthetic_users(n_users=3, n_history=6, n_heldout=2, seed=4)
+    tokenizer = get_adapter(tiny).tokenizer
+    user = users[0]
+    texts = [encode_for_eval(tokenizer, item) for item in user.heldout]
+    planted = planted_spans(user)
+    assert planted is not None
+    masks = span_masks(tokenizer, texts, user, planted)
+    for item, text, mask in zip(user.heldout, texts, masks, strict=True):
+        chosen = tokenizer.decode(
+            [t for t, m in zip(text.response_ids, mask.tolist(), strict=True) if m]
+        )
+        for span in item.meta["spans"]:
+            word = "".join(c for c in span["marker"] if c.isalpha())[:3]
+            assert (word or "\ufffd") in chosen or span["marker"] in chosen
+        assert int(mask.sum()) < mask.numel()  # the template sentences are not markers
+    spans = distinct_spans(users)
+    edited = [
+        replace(u, heldout=[replace(i, output=i.output + " extra") for i in u.heldout])
+        for u in users
+    ]
+    again = distinct_spans(edited)
+    for uid in spans:  # appending text to held-out items does not change earlier spans
+        for before, after in zip(spans[uid], again[uid], strict=True):
+            assert after[: len(before)] == before
 
 
 def test_parse_layers() -> None:
@@ -188,10 +342,9 @@ def test_parse_layers() -> None:
     assert parse_layers("8,12") == [8, 12]
 
 
-def test_preference_masks_shorter_than_the_item_cover_its_first_tokens() -> None:
-    from steerx_lens.evaluation.experiment import _pooled_nll
-
+def test_masks_shorter_than_the_item_cover_its_first_tokens() -> None:
     nll = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert _pooled_nll([nll]) == 2.5
-    assert _pooled_nll([nll], [torch.tensor([False, True])]) == 2.0
-    assert _pooled_nll([nll], [torch.tensor([False, False])]) is None
+    assert _item_values([nll], None).pooled() == 2.5
+    assert _item_values([nll], [torch.tensor([False, True])]).pooled() == 2.0
+    empty = _item_values([nll], [torch.tensor([False, False])])
+    assert empty.values == [None] and empty.pooled() is None

@@ -13,11 +13,12 @@ from steerx_lens import hooks
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users
 from steerx_lens.evaluation import experiment as experiment_module
-from steerx_lens.evaluation.experiment import Experiment, _mean, _pooled_nll
-from steerx_lens.evaluation.metrics import GENERATION_METHODS, encode_for_eval, token_nll
+from steerx_lens.evaluation.experiment import Experiment, _item_values
+from steerx_lens.evaluation.generation import generation_prompt
+from steerx_lens.evaluation.masks import distinct_spans
+from steerx_lens.evaluation.metrics import ALL_METHODS, encode_for_eval, token_nll
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import FitResult, SteerXConfig, stacked_steer
-from steerx_lens.text import build_prompt
 from steerx_lens.vectors import SteeringVector
 
 CONFIG = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256)
@@ -38,10 +39,11 @@ def users() -> list[UserHistory]:
 @pytest.fixture(scope="module")
 def fitted(
     tiny: Any, users: list[UserHistory], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Experiment, FitResult]:
+) -> tuple[Experiment, dict[int, FitResult]]:
     out = tmp_path_factory.mktemp("many_users")
-    experiment = Experiment(tiny, users, out, CONFIG, max_new_tokens=MAX_NEW_TOKENS, progress=False)
-    return experiment, experiment.pipeline.fit_many(users)
+    options = {"max_new_tokens": MAX_NEW_TOKENS, "progress": False, "n_validation": 0}
+    experiment = Experiment(tiny, users, out, CONFIG, **options)
+    return experiment, experiment.fit()
 
 
 def assert_same(got: Any, expected: Any, where: str = "record") -> None:
@@ -69,18 +71,20 @@ def alone_nll(
     """One method's pooled NLL for one user, from its own ``token_nll`` call (the old protocol)."""
     tokenizer = get_adapter(model).tokenizer
     texts = [encode_for_eval(tokenizer, item, history) for item in user.heldout]
-    return _pooled_nll(token_nll(model, texts, [vector] * len(texts), batch_size=8))
+    return _item_values(token_nll(model, texts, [vector] * len(texts), batch_size=8), None).pooled()
 
 
 def test_users_batched_together_get_the_numbers_they_get_alone(
     tiny: Any, users: list[UserHistory], fitted: tuple[Experiment, FitResult]
 ) -> None:
-    experiment, fit = fitted
-    together = experiment.evaluate_users(users, fit)
+    experiment, fits = fitted
+    fit = fits[1]
+    spans = distinct_spans(experiment.users)
+    together = experiment.evaluate_users(users, fits, spans)
     tokenizer = get_adapter(tiny).tokenizer
     for user in users:
         record = together[user.user_id]
-        alone_record = experiment.evaluate_users([user], fit)[user.user_id]
+        alone_record = experiment.evaluate_users([user], fits, spans)[user.user_id]
         assert_same(record.to_json(), alone_record.to_json(), user.user_id)
         mine = fit.users[user.user_id]
         others = [fit.users[uid] for uid in fit.users if uid != user.user_id]
@@ -89,11 +93,22 @@ def test_users_batched_together_get_the_numbers_they_get_alone(
             "none": alone_nll(tiny, user, None),
             "steerx": alone_nll(tiny, user, mine.steerx),
             "history_prompt": alone_nll(tiny, user, None, history),
-            "baseline_other": _mean([alone_nll(tiny, user, o.baseline) for o in others]),
         }
         for method, nll in expected.items():
-            assert record.scores[method].nll == pytest.approx(nll, abs=TOLERANCE), method
-        prompts = [build_prompt(tokenizer, item.input) for item in user.heldout]
+            assert record.scores[method]["nll"] == pytest.approx(nll, abs=TOLERANCE), method
+        # *_other: per item, the mean over other users' vectors; items token-weighted
+        texts = [encode_for_eval(tokenizer, item) for item in user.heldout]
+        per_other = [
+            _item_values(token_nll(tiny, texts, [o.baseline] * len(texts)), None) for o in others
+        ]
+        item_means = [sum(v.values[i] for v in per_other) / len(others) for i in range(len(texts))]
+        weights = per_other[0].weights
+        expected_other = sum(m * w for m, w in zip(item_means, weights, strict=True)) / sum(weights)
+        assert record.scores["baseline_other"]["nll"] == pytest.approx(
+            expected_other, abs=TOLERANCE
+        )
+        source = user.meta.get("source")
+        prompts = [generation_prompt(tokenizer, item, source) for item in user.heldout]
         steer = stacked_steer([mine.steerx] * len(prompts))
         alone = hooks.generate(tiny, prompts, steer, max_new_tokens=MAX_NEW_TOKENS)
         assert record.generations is not None
@@ -106,7 +121,8 @@ def test_rows_of_different_users_share_one_forward_call(
     fitted: tuple[Experiment, FitResult],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    experiment, fit = fitted
+    experiment, fits = fitted
+    fit = fits[1]
     adapter = get_adapter(tiny)
     tokenizer = adapter.tokenizer
     nll_calls: list[int] = []
@@ -141,10 +157,11 @@ def test_rows_of_different_users_share_one_forward_call(
     monkeypatch.setattr(adapter, "forward", spy_forward)
     monkeypatch.setattr(experiment_module, "token_nll", spy_nll)
     monkeypatch.setattr(hooks, "generate", spy_generate)
-    experiment.evaluate_users(users, fit)
+    experiment.evaluate_users(users, fits, distinct_spans(experiment.users))
 
     n_heldout = sum(len(user.heldout) for user in users)
-    rows_per_item = 5 + 2 * (len(users) - 1)  # own methods + both modes under every other user
+    own = 8 if all(fit.users[u.user_id].description for u in users) else 7
+    rows_per_item = own + 2 * (len(users) - 1)  # own methods + both modes under every other user
     assert nll_calls == [n_heldout * rows_per_item], "one token_nll call for every user and method"
     batch_size = experiment.pipeline.config.batch_size
     assert len(nll_forwards) == math.ceil(n_heldout * rows_per_item / batch_size)
@@ -168,15 +185,18 @@ def test_rows_of_different_users_share_one_forward_call(
 
     assert max(len(owners(rows)) for rows in nll_forwards) >= 2, "no forward mixed users"
 
-    assert len(generate_calls) == len(GENERATION_METHODS)
-    for (prompts, interventions), method in zip(generate_calls, GENERATION_METHODS, strict=True):
+    methods = [m for m in ALL_METHODS if m != "description_prompt" or own == 8]
+    assert len(generate_calls) == len(methods)
+    for (prompts, interventions), method in zip(generate_calls, methods, strict=True):
         assert len(prompts) == n_heldout, f"{method}: one generate call for every user's prompts"
         if method in ("baseline", "steerx"):
             (steer,) = interventions
-            owns = [getattr(fit.users[u.user_id], method) for u in users for _ in u.heldout]
-            for row, own in zip(steer.vector, owns, strict=True):
-                assert row.equal(own.vector * own.alpha), f"{method}: a row got another vector"
-        if method in ("none", "history_prompt"):
+            owned = [getattr(fit.users[u.user_id], method) for u in users for _ in u.heldout]
+            for row, vector in zip(steer.vector, owned, strict=True):
+                assert row.equal(vector.vector * vector.alpha), (
+                    f"{method}: a row got another vector"
+                )
+        if method in ("none", "history_prompt", "description_prompt"):
             assert interventions == ()
 
 

@@ -172,7 +172,7 @@ def test_evidence_is_reused_at_another_site_and_round_trips(
         assert torch.equal(user_fit.steerx.vector, fresh.users[user_id].steerx.vector)
         population = at_0.population
         again = user_fit.steerx_at(
-            population.shared, pipeline.config.alpha, pipeline.config.r, population.residual_norm
+            population.shared_for(user_id), pipeline.config.r, population.residual_norm
         )
         assert torch.equal(again.vector, user_fit.steerx.vector)
     user_id = users[0].user_id

@@ -295,7 +295,9 @@ def attribute(
     out: OutOption = Path("runs/attribution"),
     users: UsersOption = None,
     method: Annotated[Literal["patch", "prompt"], typer.Option(help="patch | prompt")] = "patch",
-    describer: Annotated[Describer, typer.Option(help="template | llm (the model itself)")] = "llm",
+    describer: Annotated[
+        Describer, typer.Option(help="template | llm (the model itself)")
+    ] = "template",
     layer_map: Annotated[bool, typer.Option(help="also draw a layers x tokens map")] = False,
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
@@ -379,29 +381,16 @@ def pipeline_config(
     return SteerXConfig(**changes)
 
 
-def read_best(path: Path | None) -> dict[str, Any]:
-    """``layer``, ``alpha`` and ``r`` of a ``best.json`` written by ``steerx sweep`` (those it
-    has), or nothing; a file that is not such a JSON object is an error naming ``--best``."""
-    if path is None:
-        return {}
-
-    def refuse(why: str) -> typer.BadParameter:
-        return typer.BadParameter(f"{path}: {why}", param_hint="'--best'")
+def read_best(path: Path) -> dict[str, Any]:
+    """The cells a ``best.json`` written by ``steerx sweep`` names, one per method (the other
+    methods keep the command's layer, alpha and r); a file that is not such a JSON object is
+    an error naming ``--best``. Read before any model is loaded."""
+    from steerx_lens.evaluation.cells import read_cells
 
     try:
-        best = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        raise refuse(f"not a readable JSON file ({error})") from None
-    if not isinstance(best, dict):
-        raise refuse("expected a JSON object with layer, alpha and r")
-    kinds = {"layer": (int,), "alpha": (int, float), "r": (int, float)}
-    for key, types in kinds.items():
-        value = best.get(key)
-        if key in best and (not isinstance(value, types) or isinstance(value, bool)):
-            raise refuse(f"{key!r} must be a number, got {value!r:.40}")
-        if key in best and (not math.isfinite(value) or (key != "alpha" and value < 0)):
-            raise refuse(f"{key!r} must be finite{'' if key == 'alpha' else ' and >= 0'}")
-    return {key: best[key] for key in kinds if key in best}
+        return read_cells(path, {})
+    except ValueError as error:
+        raise typer.BadParameter(f"{path}: {error}", param_hint="'--best'") from None
 
 
 @app.command()
@@ -519,7 +508,7 @@ def evaluate(
     best: Annotated[Path | None, typer.Option(help="best.json from `steerx sweep`")] = None,
     generations: Annotated[bool, typer.Option(help="also score greedy generations")] = True,
     max_new_tokens: NewTokensOption = 40,
-    describer: Annotated[Describer, typer.Option(help="template | llm")] = "llm",
+    describer: Annotated[Describer, typer.Option(help="template | llm")] = "template",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
@@ -529,6 +518,9 @@ def evaluate(
     users_per_batch: Annotated[
         int, typer.Option(min=1, help="users evaluated together (shared forward batches)")
     ] = 8,
+    n_validation: Annotated[
+        int, typer.Option(min=0, help="validation items per user (kept out of fitting)")
+    ] = 2,
     tiny: TinyOption = False,
 ) -> None:
     """The SteerX experiment: fit, evaluate every method on held-out text, write the report."""
@@ -538,14 +530,8 @@ def evaluate(
     from steerx_lens.evaluation.experiment import Experiment
 
     check_model_options(backend, remote, model_source)
-    chosen = read_best(best)
-    config = pipeline_config(
-        chosen.get("layer", layer),
-        chosen.get("alpha", alpha),
-        backbone,
-        describer,
-        chosen.get("r", r),
-    )
+    config = pipeline_config(layer, alpha, backbone, describer, r)
+    cells = read_best(best) if best else None
     population = load_users(data, n_users=users)
     if max_history is not None:
         population = [replace(u, history=u.history[-max_history:]) for u in population]
@@ -566,20 +552,27 @@ def evaluate(
             max_new_tokens,
             info,
             users_per_batch=users_per_batch,
+            cells=cells,
+            n_validation=n_validation,
         )
         metrics = experiment.run()
-    table = Table(title=f"held-out NLL ({len(metrics.per_user)} users)")
-    for column in ("method", "nll", "nll_pref"):
+    columns = ("nll", "nll_distinct", "nll_pref", "rougeL")
+    table = Table(title=f"held-out metrics ({len(metrics.per_user)} users)")
+    for column in ("method", *columns):
         table.add_column(column)
     for method, values in metrics.methods.items():
         table.add_row(
             method,
-            *(
-                f"{values.get(k):.4f}" if values.get(k) is not None else "–"
-                for k in ("nll", "nll_pref")
-            ),
+            *(f"{values.get(k):.4f}" if values.get(k) is not None else "–" for k in columns),
         )
     Console().print(table)
+    if metrics.primary is not None:
+        p = metrics.primary
+        console.print(
+            f"primary (steerx vs baseline, nll): {p['mean']:+.4f} CI [{p['ci95'][0]:+.4f}, "
+            f"{p['ci95'][1]:+.4f}], Wilcoxon p {p['wilcoxon_p']}, Holm p {p['p_holm']}, "
+            f"{p['n_users']} users"
+        )
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 
 
@@ -624,7 +617,13 @@ def sweep(
             rs=_floats(rs, minimum=0.0),
             n_validation=n_validation,
         )
-    console.print(f"best on validation: {result['best']}; wrote {out / 'best.json'}")
+    for method, cell in result["best"]["methods"].items():
+        flip = result["sign_flip"][method]
+        console.print(
+            f"{method}: {cell} (at -alpha: {flip['validation_nll_change']:+.4f}, sign-flip "
+            f"check {'passed' if flip['passed'] else 'FAILED'})"
+        )
+    console.print(f"wrote {out / 'best.json'}")
 
 
 EXPORT_FORMATS = ("gguf", "repeng", "steering-vectors")

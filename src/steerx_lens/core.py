@@ -243,10 +243,15 @@ def not_an_intervention(obj: object) -> InterventionTypeError:
 
 def as_interventions(items: Sequence[InterventionLike]) -> list[Intervention]:
     """``items`` as interventions: objects with ``to_steer()`` (a
-    :class:`~steerx_lens.vectors.SteeringVector`) become their :class:`Steer`; anything else
-    that is not an :class:`Intervention` raises :class:`InterventionTypeError`."""
+    :class:`~steerx_lens.vectors.SteeringVector`) become their :class:`Steer`, objects with
+    ``to_steers()`` (a :class:`~steerx_lens.vectors.SteeringVectorSet`) their list of steers;
+    anything else that is not an :class:`Intervention` raises :class:`InterventionTypeError`."""
     out: list[Intervention] = []
     for item in items:
+        to_steers = getattr(item, "to_steers", None)
+        if not isinstance(item, Intervention) and callable(to_steers):
+            out.extend(as_interventions(list(to_steers())))
+            continue
         to_steer = getattr(item, "to_steer", None)
         if not isinstance(item, Intervention) and callable(to_steer):
             item = to_steer()

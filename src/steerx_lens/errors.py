@@ -54,3 +54,13 @@ class DataError(SteerXError, ValueError):
 
 class OutputLockedError(SteerXError, RuntimeError):
     """An output folder that another run is writing to (see :func:`steerx_lens.runs.out_lock`)."""
+
+
+class ResidualNormError(SteerXError, ValueError):
+    """A strength relative to the residual norm for a vector whose site's norm is unknown (or
+    zero), or an invalid recorded norm: give an absolute ``alpha`` or record ``residual_norm``."""
+
+
+class InputTypeError(SteerXError, TypeError):
+    """A text of a kind a backbone cannot read: pass strings, ``(prompt, response)`` tuples,
+    ``HistoryItem`` s, ``backbones.Sample`` s or ``text.EncodedText`` s."""

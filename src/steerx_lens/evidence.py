@@ -18,6 +18,7 @@ JSON in the header).
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -55,9 +56,17 @@ class MinimalPairs:
 
 
 def minimal_pairs(
-    tokenizer: Any, user: UserHistory, effects: Sequence[TokenEffects], swap_threshold: float
+    tokenizer: Any,
+    user: UserHistory,
+    effects: Sequence[TokenEffects],
+    swap_threshold: float,
+    randomize: random.Random | None = None,
 ) -> MinimalPairs:
     """Each item's text and its swapped twin (tokens with effect > ``swap_threshold`` swapped).
+
+    With ``randomize`` (the ``random_swap`` control) each item swaps the same number of tokens
+    at positions drawn at random among those whose counterfactual prediction differs, so only
+    the causal selection separates it from SteerX's pairs.
 
     Items whose response tokens differ between the attribution and the plain prompt are skipped
     with a warning; items with no token to swap give no pair.
@@ -74,10 +83,15 @@ def minimal_pairs(
                 stacklevel=2,
             )
             continue
-        swap = item_effects.effects > swap_threshold
-        swap &= item_effects.counterfactual_top != item_effects.token_ids
+        changeable = item_effects.counterfactual_top != item_effects.token_ids
+        swap = (item_effects.effects > swap_threshold) & changeable
         if not bool(swap.any()):
             continue
+        if randomize is not None:
+            candidates = torch.nonzero(changeable).flatten().tolist()
+            chosen = randomize.sample(candidates, int(swap.sum()))
+            swap = torch.zeros_like(swap)
+            swap[chosen] = True
         swapped = torch.where(swap, item_effects.counterfactual_top, item_effects.token_ids)
         n_swapped += int(swap.sum())
         twin_text = tokenizer.decode(swapped.tolist())

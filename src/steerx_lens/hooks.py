@@ -20,8 +20,8 @@ resolved per forward call from a :class:`HookContext`, so padding is never touch
 KV-cached generation steps are found by absolute position.
 
 Entry points: :func:`apply` (context manager), :func:`run` (logits), :func:`score_tokens`,
-:func:`activations`, :func:`cache`, :func:`generate` (steered greedy decoding),
-:func:`intervene` (inside a user's own nnsight trace).
+:func:`activations`, :func:`cache`, :func:`generate` (steered decoding: greedy, or sampled with
+a :class:`Decoding`), :func:`intervene` (inside a user's own nnsight trace).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steerx_lens.backends import get_adapter
-from steerx_lens.backends.base import ModelAdapter
+from steerx_lens.backends.base import GREEDY, Decoding, ModelAdapter
 from steerx_lens.core import (
     POSITION_NAMES,
     Ablate,
@@ -56,10 +56,12 @@ from steerx_lens.core import (
 from steerx_lens.errors import BackendError
 
 __all__ = [
+    "GREEDY",
     "POSITION_NAMES",
     "Ablate",
     "Batch",
     "Capture",
+    "Decoding",
     "Generation",
     "HookContext",
     "Inputs",
@@ -194,20 +196,37 @@ def generate(
     *interventions: InterventionLike,
     max_new_tokens: int = 20,
     tokenizer: Any = None,
+    decoding: Decoding | None = None,
 ) -> Generation:
-    """Greedy decoding with the interventions applied at the prompt and every generated step.
+    """Decoding with the interventions applied at the prompt and every generated step.
 
-    Prompts are left-padded. Uses each backend's fastest exact path: HF ``generate`` for HF
-    models and TransformerBridge (KV-cached, see ``fix_bridge_kv_cache``), a KV-cached loop for
-    HookedTransformer, and nnsight's ``generate`` with per-step interventions. A row that emits
-    EOS is padded afterwards.
+    Greedy by default. Prompts are left-padded. Uses each backend's fastest exact path: HF
+    ``generate`` for HF models and TransformerBridge (KV-cached, see ``fix_bridge_kv_cache``), a
+    KV-cached loop for HookedTransformer, and nnsight's ``generate`` with per-step
+    interventions. A row that emits EOS is padded afterwards.
+
+    ``decoding=Decoding(do_sample=True, temperature=..., top_p=..., seed=...)`` samples instead
+    (hf and bridge backends; others raise :class:`BackendError`): seeded in a forked RNG, so it
+    is reproducible for a seed and leaves the global torch RNG untouched. A greedy ``decoding``
+    (or ``None``) takes the unchanged greedy path.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     adapter = get_adapter(model, tokenizer=tokenizer)
+    sampled = decoding is not None and decoding.do_sample
+    if sampled and not adapter.supports_sampling:
+        raise BackendError(
+            f"sampled decoding is implemented on the hf and bridge backends, not on "
+            f"{adapter.name}: generate greedily (decoding=None) or load the model with hf"
+        )
     batch = adapter.encode(inputs, padding_side="left")
     adapter.check_length(batch.input_ids.shape[1] + max_new_tokens, "the prompt + new tokens")
-    sequences = adapter.generate(batch, as_interventions(interventions), max_new_tokens)
+    if sampled:
+        sequences = adapter.generate(
+            batch, as_interventions(interventions), max_new_tokens, decoding=decoding
+        )
+    else:
+        sequences = adapter.generate(batch, as_interventions(interventions), max_new_tokens)
     prompt_len = batch.input_ids.shape[1]
     texts = adapter.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
     return Generation(sequences, prompt_len, texts)

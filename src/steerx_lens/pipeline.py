@@ -29,6 +29,7 @@ beat the shared vector in the feasibility study (DESIGN.md §1), see ``docs/meth
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -115,19 +116,35 @@ def steerx_combination(
     *,
     r: float,
     residual_norm: float,
-    alpha: float,
 ) -> Float[Tensor, " d_model"]:
-    """The SteerX vector ``shared + (r·‖h‖ / |alpha|)·v̂``: steering with ``alpha > 0`` adds
-    ``alpha·shared + r·‖h‖·v̂``, so the personal part's strength does not depend on ``alpha``.
+    """The SteerX vector ``shared + r·‖h‖·v̂``: the vector added at ``alpha = 1``.
 
-    A negative ``alpha`` negates the whole vector, personal part included (it adds
-    ``-(|alpha|·shared + r·‖h‖·v̂)``); ``alpha = 0`` is no steering, and the vector stored is
-    then the one for ``alpha = 1``. ``direction`` is the unit personal direction v̂; None (no
-    minimal pair) gives ``shared``.
+    ``alpha`` scales the whole vector, as it scales every other method's vector (``alpha = 0``
+    is no steering, a negative ``alpha`` negates the personal part too). ``shared`` is the
+    leave-one-out shared vector of the user (:meth:`Population.shared_for`), ``direction`` the
+    unit personal direction v̂; None (no minimal pair) gives ``shared``.
     """
     if direction is None:
         return shared
-    return shared + (r * residual_norm / (abs(alpha) or 1.0)) * direction
+    return shared + (r * residual_norm) * direction
+
+
+def decomposed_baseline(
+    baseline: Float[Tensor, " d_model"],
+    shared: Float[Tensor, " d_model"],
+    personal_norm: float,
+) -> Float[Tensor, " d_model"]:
+    """The matched control of SteerX: ``shared + personal_norm · unit(baseline − shared)``.
+
+    The user's all-history vector with SteerX's decomposition and personal strength, so a SteerX
+    win over it is not just "shared + a fixed-norm personal part". ``personal_norm = 0`` (a
+    user SteerX serves with the shared vector alone) gives ``shared``.
+    """
+    difference = baseline - shared
+    length = float(difference.norm())
+    if personal_norm == 0.0 or length == 0.0:
+        return shared
+    return shared + (personal_norm / length) * difference
 
 
 @dataclass
@@ -140,15 +157,44 @@ class UserSteering:
     steerx: SteeringVector
     n_swapped_tokens: int
     personal_direction: Tensor | None = None
+    random_direction: Tensor | None = None
 
     def steerx_at(
-        self, shared: SteeringVector, alpha: float, r: float, norm: float
+        self, shared: SteeringVector, r: float, norm: float, alpha: float = 1.0
     ) -> SteeringVector:
-        """The SteerX vector for another ``alpha`` / ``r`` (:func:`steerx_combination`)."""
-        vector = steerx_combination(
-            shared.vector, self.personal_direction, r=r, residual_norm=norm, alpha=alpha
-        )
+        """The SteerX vector for another ``r`` (and ``alpha``), :func:`steerx_combination`;
+        ``shared`` is the user's leave-one-out shared vector."""
+        vector = steerx_combination(shared.vector, self.personal_direction, r=r, residual_norm=norm)
         return replace(self.steerx, vector=vector, alpha=alpha, extra={**self.steerx.extra, "r": r})
+
+    def personal_norm(self, r: float, norm: float) -> float:
+        """The norm of SteerX's personal part at ``alpha = 1``: ``r·‖h‖``, 0 without pairs."""
+        return 0.0 if self.personal_direction is None else r * norm
+
+    def decomposed_at(
+        self, shared: SteeringVector, r: float, norm: float, alpha: float = 1.0
+    ) -> SteeringVector:
+        """The ``decomposed_baseline`` control (:func:`decomposed_baseline`) at ``r``."""
+        vector = decomposed_baseline(
+            self.baseline.vector, shared.vector, self.personal_norm(r, norm)
+        )
+        return replace(
+            self.baseline,
+            vector=vector,
+            alpha=alpha,
+            extra={"control": "decomposed_baseline", "r": r},
+        )
+
+    def random_swap_at(
+        self, shared: SteeringVector, r: float, norm: float, alpha: float = 1.0
+    ) -> SteeringVector:
+        """The ``random_swap`` control: SteerX's construction whose twins swap the same number
+        of tokens at random positions (:func:`~steerx_lens.evidence.minimal_pairs` with
+        ``randomize``)."""
+        vector = steerx_combination(shared.vector, self.random_direction, r=r, residual_norm=norm)
+        return replace(
+            self.steerx, vector=vector, alpha=alpha, extra={"control": "random_swap", "r": r}
+        )
 
     @property
     def description(self) -> str | None:
@@ -173,6 +219,20 @@ class Population:
     def site(self) -> str:
         """The site the population's vectors are at."""
         return self.shared.site
+
+    def shared_for(self, user_id: str | None) -> SteeringVector:
+        """The shared vector for ``user_id``, leave-one-out: the mean of the *other* users'
+        baselines, so the user's own baseline never enters its shared part or its ``shared``
+        control. A user outside the population (or a population loaded without baselines) gets
+        :attr:`shared`, which is then already a mean over other users."""
+        others = [vector.vector for uid, vector in self.baselines.items() if uid != user_id]
+        if user_id not in self.baselines or not others:
+            return self.shared
+        return replace(
+            self.shared,
+            vector=torch.stack(others).mean(0),
+            extra={**self.shared.extra, "n_users": len(others), "left_out": user_id},
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write ``users.jsonl``, ``shared.safetensors`` and ``population.json`` into ``folder``."""
@@ -384,9 +444,10 @@ class SteerX:
         tokenizer = self.adapter.tokenizer
         texts = [encode_item(tokenizer, item) for user in usable for item in user.history[:4]]
         norm = residual_norm(self.model, site, texts, self.config.batch_size)
+        shared_vector = self._vector(shared, "shared", None, site, n_users=len(baselines))
         return Population(
             list(usable),
-            self._vector(shared, "shared", None, site, n_users=len(baselines)),
+            replace(shared_vector, residual_norm=norm),
             norm,
             baselines,
             failures,
@@ -401,58 +462,92 @@ class SteerX:
         component = self.contrast(pairs.originals, pairs.twins, site)
         return (component / component.norm()).detach().float().cpu()
 
-    def _steerx(
-        self, user_id: str, pairs: MinimalPairs, population: Population
-    ) -> tuple[SteeringVector, Tensor | None]:
-        """The SteerX vector at the population's site and the unit personal direction."""
+    def _steerx_vector(
+        self,
+        user_id: str,
+        direction: Tensor | None,
+        population: Population,
+        n_pairs: int,
+        n_swapped: int,
+    ) -> SteeringVector:
+        """The SteerX vector at the population's site (alpha = 1 vector, config's ``r``)."""
         site, r = population.site, self.config.r
-        direction = self.personal_direction(pairs, site)
         raw = steerx_combination(
-            population.shared.vector,
+            population.shared_for(user_id).vector,
             direction,
             r=r,
             residual_norm=population.residual_norm,
-            alpha=self.config.alpha,
         )
         if direction is None:
-            return self._vector(raw, "steerx", user_id, site, fallback=True, r=r), None
-        vector = self._vector(
+            return self._vector(raw, "steerx", user_id, site, fallback=True, r=r)
+        return self._vector(
             raw,
             "steerx",
             user_id,
             site,
             fallback=False,
             r=r,
-            n_pairs=len(pairs.originals),
-            n_swapped_tokens=pairs.n_swapped_tokens,
+            n_pairs=n_pairs,
+            n_swapped_tokens=n_swapped,
         )
-        return vector, direction
 
     def steerx_vector(
         self, user: UserHistory, attribution: UserAttribution, population: Population
     ) -> tuple[SteeringVector, int, Tensor | None]:
-        """Shared vector + the user's scaled minimal-pair component (see the module docstring).
-
-        Returns the vector, the number of swapped tokens and the unit personal direction.
-        """
+        """Leave-one-out shared vector + the user's scaled minimal-pair component (see the
+        module docstring). Returns the vector, the number of swapped tokens and the unit
+        personal direction."""
         pairs = self.minimal_pairs(user, attribution)
-        vector, direction = self._steerx(user.user_id, pairs, population)
+        direction = self.personal_direction(pairs, population.site)
+        vector = self._steerx_vector(
+            user.user_id, direction, population, len(pairs.originals), pairs.n_swapped_tokens
+        )
         return vector, pairs.n_swapped_tokens, direction
 
     def vectors(self, evidence: UserEvidence, population: Population) -> UserSteering:
-        """The user's baseline and SteerX vectors at the population's site, from its evidence."""
+        """The user's baseline and SteerX vectors (and the ``random_swap`` control's
+        direction) at the population's site, from its evidence."""
         baseline = population.baselines.get(evidence.user_id) or self.baseline_vector(
             evidence.user, population.site, evidence.negatives
         )
-        steerx, direction = self._steerx(evidence.user_id, evidence.pairs, population)
-        description = evidence.description
+        site = population.site
+        direction = self.personal_direction(evidence.pairs, site)
+        random_direction = self.personal_direction(self.random_swap_pairs(evidence), site)
+        return self.assemble(evidence, population, baseline, direction, random_direction)
+
+    def assemble(
+        self,
+        evidence: UserEvidence,
+        population: Population,
+        baseline: SteeringVector,
+        direction: Tensor | None,
+        random_direction: Tensor | None,
+    ) -> UserSteering:
+        """A :class:`UserSteering` from its parts (e.g. read back from a saved fit)."""
+        pairs = evidence.pairs
+        steerx = self._steerx_vector(
+            evidence.user_id, direction, population, len(pairs.originals), pairs.n_swapped_tokens
+        )
+        description, norm = evidence.description, population.residual_norm
         return UserSteering(
             evidence.user_id,
             evidence.attribution,
-            replace(baseline, description=description),
-            replace(steerx, description=description),
-            evidence.pairs.n_swapped_tokens,
+            replace(baseline, description=description, residual_norm=norm),
+            replace(steerx, description=description, residual_norm=norm),
+            pairs.n_swapped_tokens,
             direction,
+            random_direction,
+        )
+
+    def random_swap_pairs(self, evidence: UserEvidence) -> MinimalPairs:
+        """The ``random_swap`` control's pairs: in each item, as many tokens as SteerX swaps,
+        at random positions (seeded by the config's seed and the user's id)."""
+        return minimal_pairs(
+            self.adapter.tokenizer,
+            evidence.user,
+            evidence.attribution.items,
+            self.config.swap_threshold,
+            randomize=random.Random(f"{self.config.seed}:{evidence.user_id}"),
         )
 
     # ------------------------------------------------------------------ users

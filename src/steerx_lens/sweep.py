@@ -1,11 +1,19 @@
-"""Layer × strength sweeps on *validation* items (never the held-out ones).
+"""Layer × strength (× r) sweeps on *validation* items, each method tuned on its own.
 
-Each user's last ``n_validation`` history items are set aside; vectors are fitted on the rest
-(the users passed to the pipeline carry no held-out items at all) and every method is scored by
-its NLL change on the validation items: ``NLL(method) − NLL(none)`` (negative = better).
-The per-user evidence (attribution, the model's answers, minimal pairs) does not depend on the
-layer: it is computed at the first layer and reused at every other one; each layer's cell is
-built from that evidence and the layer's site, the pipeline's config is never changed.
+Items keep their fixed roles (:mod:`steerx_lens.data.splits`): vectors are fitted on each user's
+fit items, every cell is scored by its NLL change on the user's validation items,
+``NLL(method) − NLL(none)`` (negative = better), and held-out items are never read (the users
+given to the pipeline carry none). Every steered method
+(:data:`~steerx_lens.evaluation.cells.STEERED_METHODS`) gets its own best cell, so the baseline
+is not judged at a cell chosen for SteerX; ``best.json`` records one cell per method and
+``steerx eval --best`` applies each.
+
+Cost: the per-user evidence (attribution, the model's answers, minimal pairs) does not depend on
+the layer and is computed once; at each layer the cells of every method, strength and ``r`` are
+scored in one batched :func:`~steerx_lens.evaluation.metrics.token_nll` call, each row steered by
+its own vector, with the shared prompt prefix cached below the steering layer where the backend
+allows it. Sign-flip check: each method's best cell is also scored at ``−alpha``; steering that
+helps at ``+alpha`` should hurt at ``−alpha``.
 """
 
 from __future__ import annotations
@@ -17,37 +25,60 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from steerx_lens.atomic import write_text
-from steerx_lens.data import HistoryItem, UserHistory
+from steerx_lens.data import (
+    DEFAULT_N_VALIDATION,
+    HistoryItem,
+    UserHistory,
+    fit_split,
+    has_validation,
+)
+from steerx_lens.evaluation.cells import R_METHODS, STEERED_METHODS
 from steerx_lens.evaluation.metrics import encode_for_eval, token_nll
 from steerx_lens.evidence import UserEvidence
 from steerx_lens.figures import new_figure, save_png
-from steerx_lens.pipeline import SteerX, SteerXConfig
+from steerx_lens.pipeline import FitResult, SteerX, SteerXConfig
 from steerx_lens.vectors import SteeringVector
 
 DEFAULT_RS = (0.05, 0.1, 0.15, 0.2)
-SWEEP_METHODS = ("baseline", "shared", "steerx")
+SWEEP_METHODS = STEERED_METHODS
 
 
 def split_users(
     users: Sequence[UserHistory], n_validation: int
 ) -> tuple[list[UserHistory], dict[str, list[HistoryItem]]]:
-    """Training users (history minus the last ``n_validation`` items, *no held-out items*) and
-    each user's validation items. Users with fewer than ``n_validation + 2`` history items are
-    left out (at least 2 items must remain to train on)."""
+    """Training users (their fit items, *no held-out items*) and each user's validation items
+    (:func:`~steerx_lens.data.fit_split`). Users without validation items are left out."""
     train, validation = [], {}
     for user in users:
-        if len(user.history) < n_validation + 2:
+        if not has_validation(user, n_validation):
             continue
-        history, held_apart = user.split_validation(n_validation)
-        train.append(UserHistory(user.user_id, history, [], dict(user.meta)))
+        fit, held_apart = fit_split(user, n_validation)
+        train.append(replace(fit, heldout=[]))
         validation[user.user_id] = held_apart
     if len(train) < 2:
         raise ValueError(f"a sweep needs at least 2 users with > {n_validation + 1} history items")
     return train, validation
+
+
+def _cell_vector(
+    fit: FitResult, user_id: str, method: str, alpha: float, r: float | None
+) -> SteeringVector:
+    """``method``'s vector for ``user_id`` at this layer with ``alpha`` (and ``r``)."""
+    population, mine = fit.population, fit.users[user_id]
+    shared, norm = population.shared_for(user_id), population.residual_norm
+    if method == "shared":
+        return replace(shared, alpha=alpha)
+    if method == "baseline":
+        return replace(mine.baseline, alpha=alpha)
+    assert r is not None
+    if method == "steerx":
+        return mine.steerx_at(shared, r, norm, alpha)
+    if method == "decomposed_baseline":
+        return mine.decomposed_at(shared, r, norm, alpha)
+    return mine.random_swap_at(shared, r, norm, alpha)
 
 
 def run_sweep(
@@ -58,85 +89,126 @@ def run_sweep(
     out: str | Path,
     config: SteerXConfig | None = None,
     rs: Sequence[float] = DEFAULT_RS,
-    n_validation: int = 2,
+    n_validation: int = DEFAULT_N_VALIDATION,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Sweep layers × alphas (× r for SteerX); write ``sweep.json``, ``best.json`` and plots."""
+    """Sweep layers × alphas (× r where it applies) for every method; write ``sweep.json``,
+    ``best.json`` and plots. Each method's grid is ``[r][layer][alpha]`` (one ``r`` row for
+    methods without ``r``)."""
     out = Path(out)
     train, validation = split_users(users, n_validation)
     pipeline = SteerX(model, config, cache_dir=out / "cache", progress=False)
-    tokenizer = pipeline.adapter.tokenizer
+    tokenizer, batch_size = pipeline.adapter.tokenizer, pipeline.config.batch_size
     texts = {
         uid: [encode_for_eval(tokenizer, item) for item in items]
         for uid, items in validation.items()
     }
 
-    def mean_nll(user_id: str, vector: SteeringVector | None) -> float:
-        nll = token_nll(
-            model,
-            texts[user_id],
-            [vector] * len(texts[user_id]),
-            batch_size=pipeline.config.batch_size,
-        )
-        return float(torch.cat(nll).mean())
+    def mean_nlls(rows: list[tuple[str, SteeringVector | None]]) -> list[float]:
+        """Per (user, vector) row: the user's validation NLL (token mean) under the vector,
+        all rows in one batched call."""
+        flat = [text for uid, _ in rows for text in texts[uid]]
+        vectors = [vector for uid, vector in rows for _ in texts[uid]]
+        values = iter(token_nll(model, flat, vectors, batch_size=batch_size))
+        means = []
+        for uid, _ in rows:
+            nll = [next(values) for _ in texts[uid]]
+            means.append(float(sum(float(v.sum()) for v in nll) / sum(v.numel() for v in nll)))
+        return means
 
-    none = {uid: mean_nll(uid, None) for uid in validation}
-    grid = {m: np.full((len(layers), len(alphas)), np.nan) for m in SWEEP_METHODS}
-    steerx_by_r = np.full((len(rs), len(layers), len(alphas)), np.nan)
+    user_ids = sorted(validation)
+    none = dict(zip(user_ids, mean_nlls([(uid, None) for uid in user_ids]), strict=True))
+    r_axis = {m: (list(rs) if m in R_METHODS else [None]) for m in SWEEP_METHODS}
+    grids = {m: np.full((len(r_axis[m]), len(layers), len(alphas)), np.nan) for m in SWEEP_METHODS}
+    norms: dict[int, float] = {}
+    fits: dict[int, FitResult] = {}
     evidence: dict[str, UserEvidence] = {}
     for li, layer in enumerate(tqdm(layers, desc="sweep layers", disable=not progress)):
         fit = pipeline.fit_many(train, site=pipeline.config.site_at(layer), evidence=evidence)
-        evidence = fit.evidence
-        shared, norm = fit.population.shared, fit.population.residual_norm
-        for ai, alpha in enumerate(alphas):
-            changes: dict[str, list[float]] = {m: [] for m in ("baseline", "shared")}
-            by_r: list[list[float]] = [[] for _ in rs]
-            for uid, fitted in fit.users.items():
-                changes["baseline"].append(
-                    mean_nll(uid, replace(fitted.baseline, alpha=alpha)) - none[uid]
-                )
-                changes["shared"].append(mean_nll(uid, replace(shared, alpha=alpha)) - none[uid])
-                for ri, r in enumerate(rs):
-                    by_r[ri].append(
-                        mean_nll(uid, fitted.steerx_at(shared, alpha, r, norm)) - none[uid]
-                    )
-            grid["baseline"][li, ai] = np.mean(changes["baseline"])
-            grid["shared"][li, ai] = np.mean(changes["shared"])
-            for ri in range(len(rs)):
-                steerx_by_r[ri, li, ai] = np.mean(by_r[ri])
-    best_r, best_layer, best_alpha = np.unravel_index(np.nanargmin(steerx_by_r), steerx_by_r.shape)
-    grid["steerx"] = steerx_by_r[best_r]
-    best = {
-        "layer": int(layers[best_layer]),
-        "alpha": float(alphas[best_alpha]),
-        "r": float(rs[best_r]),
-        "validation_nll_change": float(steerx_by_r[best_r, best_layer, best_alpha]),
-        # the controls at the same cell: does SteerX's choice beat them?
-        "baseline_nll_change": float(grid["baseline"][best_layer, best_alpha]),
-        "shared_nll_change": float(grid["shared"][best_layer, best_alpha]),
-    }
+        evidence, fits[layer], norms[layer] = fit.evidence, fit, fit.population.residual_norm
+        fitted = [uid for uid in user_ids if uid in fit.users]
+        cells = [
+            (method, ri, ai)
+            for method in SWEEP_METHODS
+            for ri in range(len(r_axis[method]))
+            for ai in range(len(alphas))
+        ]
+        rows = [
+            (uid, _cell_vector(fit, uid, m, alphas[ai], r_axis[m][ri]))
+            for m, ri, ai in cells
+            for uid in fitted
+        ]
+        values = iter(mean_nlls(rows))
+        for method, ri, ai in cells:
+            changes = [next(values) - none[uid] for uid in fitted]
+            grids[method][ri, li, ai] = float(np.mean(changes))
+    best: dict[str, dict[str, Any]] = {}
+    for method in SWEEP_METHODS:
+        ri, li, ai = np.unravel_index(np.nanargmin(grids[method]), grids[method].shape)
+        r = r_axis[method][ri]
+        best[method] = {
+            "layer": int(layers[li]),
+            "alpha": float(alphas[ai]),
+            **({"r": float(r)} if r is not None else {}),
+            "validation_nll_change": float(grids[method][ri, li, ai]),
+        }
+    flips = _sign_flip_check(fits, best, none, mean_nlls, r_axis)
+    for method, entry in best.items():
+        entry["relative_strength"] = flips[method].pop("relative_strength")
     result = {
         "layers": list(layers),
         "alphas": list(alphas),
         "rs": list(rs),
         "n_validation": n_validation,
-        "validation_users": sorted(validation),
+        "validation_users": user_ids,
+        "residual_norm": {str(layer): norm for layer, norm in norms.items()},
         "nll_none": none,
-        "nll_change": {m: grid[m].tolist() for m in SWEEP_METHODS},
-        "steerx_nll_change_by_r": steerx_by_r.tolist(),
-        "best": best,
+        "nll_change": {m: grids[m].tolist() for m in SWEEP_METHODS},
+        "sign_flip": flips,
+        "best": {"methods": best},
     }
     write_text(out / "sweep.json", json.dumps(result, indent=2))
-    write_text(out / "best.json", json.dumps(best, indent=2))
+    write_text(out / "best.json", json.dumps(result["best"], indent=2))
     plot_sweep(result, out)
     return result
 
 
+def _sign_flip_check(
+    fits: dict[int, FitResult],
+    best: dict[str, dict[str, Any]],
+    none: dict[str, float],
+    mean_nlls: Any,
+    r_axis: dict[str, list[float | None]],
+) -> dict[str, dict[str, Any]]:
+    """Each method's best cell at ``−alpha`` (and its strength ``‖alpha·v‖ / ‖h‖``, mean over
+    users): ``passed`` when the NLL change there is above the one at ``+alpha``."""
+    checks: dict[str, dict[str, Any]] = {}
+    for method, cell in best.items():
+        fit = fits[cell["layer"]]
+        users = [uid for uid in sorted(none) if uid in fit.users]
+        vectors = [_cell_vector(fit, uid, method, -cell["alpha"], cell.get("r")) for uid in users]
+        flipped = mean_nlls(list(zip(users, vectors, strict=True)))
+        change = float(np.mean([v - none[uid] for v, uid in zip(flipped, users, strict=True)]))
+        norm = fit.population.residual_norm
+        checks[method] = {
+            "alpha": -cell["alpha"],
+            "validation_nll_change": change,
+            "passed": bool(change > cell["validation_nll_change"]),
+            "relative_strength": float(np.mean([abs(v.alpha) * v.norm() / norm for v in vectors])),
+        }
+    return checks
+
+
 def plot_sweep(result: dict[str, Any], out: Path) -> None:
-    """``heatmap_<method>.png`` (layers × alphas of NLL change) and ``by_layer.png``."""
+    """``heatmap_<method>.png`` (layers × alphas of NLL change, at the method's best ``r``)
+    and ``by_layer.png``."""
     layers, alphas = result["layers"], result["alphas"]
+    rs = result["rs"]
+    best = result["best"]["methods"]
     for method in SWEEP_METHODS:
-        values = np.asarray(result["nll_change"][method])
+        grid = np.asarray(result["nll_change"][method])
+        r = best[method].get("r")
+        values = grid[rs.index(r)] if r is not None else grid[0]
         limit = max(float(np.nanmax(np.abs(values))), 1e-6)
         figure = new_figure(1.2 * len(alphas) + 2.5, 0.45 * len(layers) + 1.8)
         axis = figure.subplots()
@@ -145,9 +217,7 @@ def plot_sweep(result: dict[str, Any], out: Path) -> None:
         axis.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         axis.set_xlabel("alpha")
         axis.set_ylabel("layer")
-        title = f"{method}: validation NLL change vs none"
-        if method == "steerx":
-            title += f" (r={result['best']['r']:g})"
+        title = f"{method}: validation NLL change vs none" + (f" (r={r:g})" if r else "")
         axis.set_title(title + "\n(blue = better)", fontsize=9)
         for (i, j), value in np.ndenumerate(values):
             axis.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=7)
@@ -157,13 +227,13 @@ def plot_sweep(result: dict[str, Any], out: Path) -> None:
     figure = new_figure(6, 3.6)
     axis = figure.subplots()
     for method in SWEEP_METHODS:
-        values = np.asarray(result["nll_change"][method])
-        axis.plot(layers, np.nanmin(values, axis=1), marker="o", label=method)
+        grid = np.asarray(result["nll_change"][method])
+        axis.plot(layers, np.nanmin(grid, axis=(0, 2)), marker="o", label=method)
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xlabel("layer")
-    axis.set_ylabel("best NLL change over alphas")
+    axis.set_ylabel("best NLL change over alphas (and r)")
     axis.set_title("Validation NLL change per layer (lower is better)")
-    axis.legend()
+    axis.legend(fontsize=7)
     figure.tight_layout()
     save_png(figure, out / "by_layer.png")
 

@@ -167,15 +167,19 @@ def encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
 
 
 def encode_item(
-    tokenizer: Any, item: HistoryItem, history: Sequence[HistoryItem] = ()
+    tokenizer: Any,
+    item: HistoryItem,
+    history: Sequence[HistoryItem] = (),
+    system: str | None = None,
 ) -> EncodedText:
-    """``item``'s prompt (with ``history`` as the history block) ⊕ its output, as token ids.
+    """``item``'s prompt (with ``history`` as the history block, after an optional ``system``
+    text) ⊕ its output, as token ids.
 
     The prompt is tokenized in three pieces (head, block, rest) so that the block occupies
     whole tokens. Response tokens are found by tokenizing the prompt's rest with and without the
     response; the first must be a prefix of the second.
     """
-    prompt, full = prompt_and_response(tokenizer, item, history=list(history) or None)
+    prompt, full = prompt_and_response(tokenizer, item, list(history) or None, system)
     response_text = full[len(prompt) :]
     # Chat-template text already carries its special tokens; plain prompts get the tokenizer's.
     special = not has_chat_template(tokenizer)
@@ -205,6 +209,33 @@ def encode_item(
         raise ValueError("the item's response is empty: there are no tokens to attribute")
     stop = len(head) + len(block_ids)
     return EncodedText(head + block_ids + rest_full, stop + len(rest), len(head), stop)
+
+
+def response_offsets(
+    tokenizer: Any, text: EncodedText, output: str
+) -> Int[Tensor, "n_response 2"] | None:
+    """The ``[start, end)`` characters of ``output`` covered by each response token of ``text``
+    (the item's output encoded after its prompt), or None when the tokens cannot be aligned.
+
+    Uses the tokenizer's ``offset_mapping`` when the output tokenized alone gives the same ids,
+    else the lengths of cumulative decodes (e.g. a plain prompt's separator merged into the
+    first token).
+    """
+    ids = text.response_ids
+    try:
+        alone = tokenizer(output, add_special_tokens=False, return_offsets_mapping=True)
+        if list(alone["input_ids"]) == ids:
+            return torch.tensor(alone["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        pass  # a slow tokenizer without offsets: decode below
+    decoded = tokenizer.decode(ids)
+    if not decoded.endswith(output):
+        return None
+    shift = len(decoded) - len(output)
+    ends = [len(tokenizer.decode(ids[: i + 1])) - shift for i in range(len(ids))]
+    starts = [-shift, *ends[:-1]]
+    spans = [(max(a, 0), max(b, 0)) for a, b in zip(starts, ends, strict=True)]
+    return torch.tensor(spans, dtype=torch.long).reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------------------------

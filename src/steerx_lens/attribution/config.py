@@ -44,7 +44,8 @@ class AttributionConfig:
 
     Effects: ``method="patch"`` patches the context positions at ``sites`` (default
     :data:`DEFAULT_SITES`) with a counterfactual block of the same length: ``k_counterfactual``
-    other users' blocks (``counterfactual="other_users"``, drawn with ``random.Random(seed)``),
+    other users' blocks (``counterfactual="other_users"``, drawn per user, seeded by ``seed`` and
+    the user's id),
     a ``"neutral"`` block, or the ``"mean"`` activation over other users' context positions;
     ``method="prompt"`` (NextQuill) deletes the history block from the prompt instead.
     ``measure`` is a log-probability (nats) or probability difference. Each sequence (prompt with

@@ -82,15 +82,20 @@ class _Plan:
 def _counterfactual_users(
     user: UserHistory, population: Sequence[UserHistory], k: int, seed: int
 ) -> list[UserHistory]:
-    """``k`` other users (seeded sample; fewer if the population is smaller)."""
-    others = [other for other in population if other.user_id != user.user_id and other.history]
+    """``k`` other users, drawn per user: seeded by ``seed`` and the user's id from the other
+    users sorted by id, so two users get independent draws and the draw does not depend on the
+    population's order (fewer if the population is smaller)."""
+    others = sorted(
+        (other for other in population if other.user_id != user.user_id and other.history),
+        key=lambda other: other.user_id,
+    )
     if not others:
         raise ValueError(
             f"no other users to take counterfactual contexts from for user {user.user_id!r}: "
             "pass population=[...] with other users' histories, or use "
             "counterfactual='neutral' (or method='prompt')"
         )
-    return random.Random(seed).sample(others, min(k, len(others)))
+    return random.Random(f"{seed}:{user.user_id}").sample(others, min(k, len(others)))
 
 
 def _warn_budget(user: UserHistory, sequences: Sequence[ItemSequence], budget: int) -> None:
@@ -219,8 +224,8 @@ def token_effects(
     (seeded choice, effects averaged), a ``"neutral"`` block, or the ``"mean"`` activation over
     other users' context positions. ``method="prompt"`` (NextQuill): the counterfactual deletes
     the history block (``counterfactual``, ``sites`` and ``population`` are not used). The
-    ``k_counterfactual`` other users are drawn once per call (``random.Random(seed)``), so every
-    item of the user sees the same ones. ``max_context_tokens`` must fit the model's context
+    ``k_counterfactual`` other users are drawn once per call, seeded by ``seed`` and the user's
+    id (two users get independent draws), so every item of the user sees the same ones. ``max_context_tokens`` must fit the model's context
     window.
     """
     adapter, scorer = _setup(model, tokenizer, config)

@@ -4,7 +4,9 @@ A backbone is a plain callable (the :class:`Backbone` protocol)::
 
     vector(model, site, chosen, rejected, **options) -> Float[Tensor, "d_model"]
 
-where ``chosen`` / ``rejected`` are paired :class:`Sample` s (the text and its tokens) and
+where ``chosen`` / ``rejected`` are paired :class:`Sample` s (the text and its tokens), or
+plain strings, ``(prompt, response)`` tuples, history items or token ids (:data:`SampleLike`,
+normalised by :func:`as_samples` / :func:`as_encoded`), and
 ``options`` the pipeline's backbone options (each backbone ignores those it does not use).
 :class:`~steerx_lens.pipeline.SteerX` looks ``SteerXConfig.backbone`` up in :data:`BACKBONES`:
 
@@ -19,8 +21,9 @@ Adding a backbone: write the function, then ``register_backbone("name", function
 
 from __future__ import annotations
 
-from steerx_lens.backbones.base import Backbone, Sample
+from steerx_lens.backbones.base import Backbone, Sample, SampleLike
 from steerx_lens.backbones.bipo import bipo_backbone
+from steerx_lens.backbones.inputs import as_encoded, as_sample, as_samples, encode_text
 from steerx_lens.backbones.mean_diff import mean_diff_backbone
 from steerx_lens.backbones.sae import sae_backbone, sae_projection
 
@@ -49,6 +52,11 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "Sample",
+    "SampleLike",
+    "as_encoded",
+    "as_sample",
+    "as_samples",
+    "encode_text",
     "get_backbone",
     "register_backbone",
     "sae_projection",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 from jaxtyping import Float
 from torch import Tensor
@@ -21,15 +21,28 @@ class Sample:
     :func:`steerx_lens.text.build_prompt`; backbones that read activations use
     :meth:`encoded`. ``tokens`` is pinned in minimal pairs: a twin's tokens are its original's
     with the preference-driven ones swapped (same length); its ``item.output`` is their decoded
-    text, whose re-encoding could differ.
+    text, whose re-encoding could differ. Backbones also take plain strings, ``(prompt,
+    response)`` tuples, history items and :class:`~steerx_lens.text.EncodedText` s, made into
+    samples by :func:`~steerx_lens.backbones.inputs.as_samples`.
     """
 
     item: HistoryItem
     tokens: EncodedText | None = None
+    exact_tokens: bool = False
+    """True for samples given as tokens or as a whole text (see
+    :func:`~steerx_lens.backbones.inputs.as_samples`): every backbone reads ``tokens`` as given
+    (``"bipo"`` and ``"sae"`` included, which otherwise re-encode ``item`` from its text)."""
 
     def encoded(self, tokenizer: Any) -> EncodedText:
         """``tokens`` if pinned, else the plain prompt (no history) ⊕ output as token ids."""
         return self.tokens if self.tokens is not None else encode_item(tokenizer, self.item)
+
+
+SampleLike = Union[str, tuple[str, str], HistoryItem, Sample, EncodedText]
+"""What backbones read as one text: a whole text (``str``, every token after the first is
+the response), a ``(prompt, response)`` tuple (as ``HistoryItem(prompt, response)``), a
+:class:`~steerx_lens.data.HistoryItem`, a :class:`Sample` or a
+:class:`~steerx_lens.text.EncodedText` (token ids used as given)."""
 
 
 class Backbone(Protocol):
@@ -46,7 +59,7 @@ class Backbone(Protocol):
         self,
         model: Any,
         site: str,
-        chosen: Sequence[Sample],
-        rejected: Sequence[Sample],
+        chosen: Sequence[SampleLike],
+        rejected: Sequence[SampleLike],
         **options: Any,
     ) -> Float[Tensor, " d_model"]: ...

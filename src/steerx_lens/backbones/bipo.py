@@ -30,7 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerx_lens import hooks
-from steerx_lens.backbones.base import Sample
+from steerx_lens.backbones.base import Sample, SampleLike
+from steerx_lens.backbones.inputs import as_samples
 from steerx_lens.backends import ModelAdapter, get_adapter
 from steerx_lens.text import build_prompt
 
@@ -280,6 +281,17 @@ def train_bipo(
     adapter = get_adapter(model)
     adapter.resolve(site)
     encoded = _encode_pairs(adapter.tokenizer, pairs, config.max_response_tokens)
+    return _train(adapter, site, encoded, config, progress)
+
+
+def _train(
+    adapter: ModelAdapter,
+    site: str,
+    encoded: Sequence[tuple[_Scored, _Scored]],
+    config: BiPOConfig,
+    progress: bool,
+) -> BiPOResult:
+    """:func:`train_bipo` on pairs already encoded (see its docstring)."""
     generator = torch.Generator().manual_seed(config.seed)
     vector = torch.zeros(adapter.d_model, device=adapter.device, requires_grad=True)
     optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=config.weight_decay)
@@ -306,8 +318,8 @@ def train_bipo(
 def bipo_backbone(
     model: Any,
     site: str,
-    chosen: Sequence[Sample],
-    rejected: Sequence[Sample],
+    chosen: Sequence[SampleLike],
+    rejected: Sequence[SampleLike],
     *,
     steps: int = BiPOConfig.steps,
     seed: int = BiPOConfig.seed,
@@ -317,12 +329,52 @@ def bipo_backbone(
 
     Each pair is scored as the chat-formatted ``item.input`` followed by each item's text, so a
     minimal-pair twin enters as its decoded text and the preference margin is carried by the
-    swapped (preference-driven) tokens only.
+    swapped (preference-driven) tokens only. Whole texts (``str``) and token ids are scored as
+    their own tokens (response: every token after the prompt; see
+    :mod:`steerx_lens.backbones.inputs`).
     """
-    tokenizer = get_adapter(model).tokenizer
-    pairs = [
-        PreferencePair(build_prompt(tokenizer, good.item.input), good.item.output, bad.item.output)
-        for good, bad in zip(chosen, rejected, strict=True)
-    ]
+    adapter = get_adapter(model)
+    tokenizer = adapter.tokenizer
+    good_samples = as_samples(tokenizer, chosen, "chosen")
+    bad_samples = as_samples(tokenizer, rejected, "rejected")
+    if len(good_samples) != len(bad_samples):
+        raise ValueError(
+            f"BiPO pairs chosen[i] with rejected[i]: got {len(good_samples)} chosen and "
+            f"{len(bad_samples)} rejected texts"
+        )
     config = BiPOConfig(steps=steps, seed=seed)
-    return train_bipo(model, site, pairs, config, progress=False).vector
+    if not any(s.exact_tokens for s in (*good_samples, *bad_samples)):
+        pairs = [
+            PreferencePair(
+                build_prompt(tokenizer, good.item.input), good.item.output, bad.item.output
+            )
+            for good, bad in zip(good_samples, bad_samples, strict=True)
+        ]
+        return train_bipo(model, site, pairs, config, progress=False).vector
+    adapter.resolve(site)
+    if not good_samples:
+        raise ValueError("BiPO needs at least one (chosen, rejected) pair")
+    encoded = []
+    for index, (good, bad) in enumerate(zip(good_samples, bad_samples, strict=True)):
+        try:
+            encoded.append(
+                (
+                    _sample_scored(tokenizer, good, config.max_response_tokens),
+                    _sample_scored(tokenizer, bad, config.max_response_tokens),
+                )
+            )
+        except ValueError as err:
+            raise ValueError(f"preference pair {index}: {err}") from None
+    return _train(adapter, site, encoded, config, progress=False).vector
+
+
+def _sample_scored(tokenizer: Any, sample: Sample, max_tokens: int) -> _Scored:
+    """One sample to score: its own tokens when exact, else its chat-formatted text."""
+    if sample.exact_tokens and sample.tokens is not None:
+        ids, start = sample.tokens.input_ids, sample.tokens.response_start
+        kept = list(ids[start : start + max_tokens])
+        return _Scored(list(ids[:start]) + kept, torch.ones(len(kept)))
+    if not sample.item.output:
+        raise ValueError("an empty response; nothing to score")
+    prompt = build_prompt(tokenizer, sample.item.input)
+    return _scored(tokenizer, prompt, sample.item.output, None, max_tokens)

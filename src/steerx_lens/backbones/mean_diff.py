@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from steerx_lens import hooks
 from steerx_lens.atomic import write_text
-from steerx_lens.backbones.base import Sample
+from steerx_lens.backbones.base import SampleLike
+from steerx_lens.backbones.inputs import as_encoded
 from steerx_lens.backends import get_adapter
-from steerx_lens.text import EncodedText, pad_batch
+from steerx_lens.text import pad_batch
 
 Pool = Literal["response_mean", "last"]
 DEFAULT_BATCH_SIZE = 8
@@ -40,14 +41,18 @@ DEFAULT_ANSWER_TOKENS = 48
 def pooled_activations(
     model: Any,
     site: str,
-    texts: Sequence[EncodedText],
+    texts: Sequence[SampleLike],
     pool: Pool = "response_mean",
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Float[Tensor, "n d_model"]:
-    """Activations at ``site`` pooled over each sequence's response (or its last token)."""
+    """Activations at ``site`` pooled over each sequence's response (or its last token).
+
+    ``texts``: token ids, or any text :func:`~steerx_lens.backbones.inputs.as_encoded` takes.
+    """
+    adapter = get_adapter(model)
+    texts = as_encoded(adapter.tokenizer, texts, "texts")
     if not texts:
         raise ValueError("no sequences to read activations from")
-    adapter = get_adapter(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))  # less padding
     pooled: dict[int, Tensor] = {}
     for start in range(0, len(order), batch_size):
@@ -70,12 +75,19 @@ def pooled_activations(
 def mean_diff_vector(
     model: Any,
     site: str,
-    positives: Sequence[EncodedText],
-    negatives: Sequence[EncodedText],
+    positives: Sequence[SampleLike],
+    negatives: Sequence[SampleLike],
     pool: Pool = "response_mean",
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Float[Tensor, " d_model"]:
-    """``mean(pool h(positive)) − mean(pool h(negative))`` (paired or not)."""
+    """``mean(pool h(positive)) − mean(pool h(negative))`` (paired or not).
+
+    Each text is a whole text (``str``), a ``(prompt, response)`` tuple, a ``HistoryItem``, a
+    ``Sample`` or token ids (see :mod:`steerx_lens.backbones.inputs`).
+    """
+    tokenizer = get_adapter(model).tokenizer
+    positives = as_encoded(tokenizer, positives, "positives")
+    negatives = as_encoded(tokenizer, negatives, "negatives")
     plus = pooled_activations(model, site, positives, pool, batch_size)
     minus = pooled_activations(model, site, negatives, pool, batch_size)
     return plus.mean(0) - minus.mean(0)
@@ -84,8 +96,8 @@ def mean_diff_vector(
 def mean_diff_backbone(
     model: Any,
     site: str,
-    chosen: Sequence[Sample],
-    rejected: Sequence[Sample],
+    chosen: Sequence[SampleLike],
+    rejected: Sequence[SampleLike],
     *,
     pool: Pool = "response_mean",
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -100,18 +112,22 @@ def mean_diff_backbone(
     return mean_diff_vector(
         model,
         site,
-        [sample.encoded(tokenizer) for sample in chosen],
-        [sample.encoded(tokenizer) for sample in rejected],
+        as_encoded(tokenizer, chosen, "chosen"),
+        as_encoded(tokenizer, rejected, "rejected"),
         pool,
         batch_size,
     )
 
 
 def residual_norm(
-    model: Any, site: str, texts: Sequence[EncodedText], batch_size: int = DEFAULT_BATCH_SIZE
+    model: Any, site: str, texts: Sequence[SampleLike], batch_size: int = DEFAULT_BATCH_SIZE
 ) -> float:
-    """Median activation norm at ``site`` over response tokens: the scale for vector strengths."""
+    """Median activation norm at ``site`` over response tokens: the scale for vector strengths
+    (record it as ``SteeringVector.residual_norm``). ``texts`` as in :func:`mean_diff_vector`."""
     adapter = get_adapter(model)
+    texts = as_encoded(adapter.tokenizer, texts, "texts")
+    if not texts:
+        raise ValueError("no sequences to measure the residual norm on")
     norms = []
     for start in range(0, len(texts), batch_size):
         inputs, response, _ = pad_batch(texts[start : start + batch_size], adapter.pad_token_id)

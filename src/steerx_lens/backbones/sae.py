@@ -31,7 +31,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from steerx_lens import hooks
-from steerx_lens.backbones.base import Backbone, Sample
+from steerx_lens.backbones.base import Backbone, Sample, SampleLike
+from steerx_lens.backbones.inputs import as_samples
 from steerx_lens.backbones.mean_diff import mean_diff_backbone
 from steerx_lens.backends import get_adapter
 from steerx_lens.core import Batch, Inputs
@@ -405,8 +406,8 @@ def sae_projection(backbone: Backbone) -> Backbone:
     def projected(
         model: Any,
         site: str,
-        chosen: Sequence[Sample],
-        rejected: Sequence[Sample],
+        chosen: Sequence[SampleLike],
+        rejected: Sequence[SampleLike],
         *,
         sae: SAE | Callable[[str], SAE],
         sae_k: int = 32,
@@ -423,17 +424,23 @@ def sae_projection(backbone: Backbone) -> Backbone:
 def sae_backbone(
     model: Any,
     site: str,
-    chosen: Sequence[Sample],
-    rejected: Sequence[Sample],
+    chosen: Sequence[SampleLike],
+    rejected: Sequence[SampleLike],
     **options: Any,
 ) -> Float[Tensor, " d_model"]:
     """The ``"sae"`` backbone: the mean difference of the samples' texts, SAE-projected.
 
     Pinned tokens are dropped (each sample is encoded from its text), so a minimal-pair twin
-    enters as its decoded text, as in ``"bipo"``, not token-exact as in ``"mean_diff"``.
-    Options: those of :func:`~steerx_lens.backbones.mean_diff.mean_diff_backbone` and of
-    :func:`sae_projection`.
+    enters as its decoded text, as in ``"bipo"``, not token-exact as in ``"mean_diff"``; whole
+    texts (``str``) and token ids keep their own tokens. Options: those of
+    :func:`~steerx_lens.backbones.mean_diff.mean_diff_backbone` and of :func:`sae_projection`.
     """
-    chosen = [Sample(sample.item) for sample in chosen]
-    rejected = [Sample(sample.item) for sample in rejected]
+    tokenizer = get_adapter(model).tokenizer
+    chosen = [_from_text(s) for s in as_samples(tokenizer, chosen, "chosen")]
+    rejected = [_from_text(s) for s in as_samples(tokenizer, rejected, "rejected")]
     return sae_projection(mean_diff_backbone)(model, site, chosen, rejected, **options)
+
+
+def _from_text(sample: Sample) -> Sample:
+    """``sample`` re-encoded from its text, unless its tokens are its text (exact tokens)."""
+    return sample if sample.exact_tokens else Sample(sample.item)

@@ -1,7 +1,7 @@
 """The protocol every backend adapter implements, and what they share.
 
 An adapter wraps one model object and knows how to (1) translate canonical TransformerLens site
-names to its own hook points, (2) run a forward pass or a greedy generation with interventions,
+names to its own hook points, (2) run a forward pass or a generation (greedy; sampled on hf/bridge) with interventions,
 and (3) describe the model (layers, width, fingerprint). Positions are computed from a
 :class:`StepTracker`, updated before every forward call of the underlying model.
 """
@@ -12,6 +12,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -251,11 +252,17 @@ class ModelAdapter(ABC):
     ) -> Float[Tensor, "batch pos vocab"]:
         """Logits of one forward pass; ``grad=True`` keeps the autograd graph (e.g. for BiPO)."""
 
+    supports_sampling: bool = False
+    """Whether :meth:`generate` accepts a sampled :class:`Decoding` (hf and bridge backends)."""
+
     @abstractmethod
     def generate(
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
     ) -> Int[Tensor, "batch total"]:
-        """Greedy decoding with the interventions: prompt + ``max_new_tokens`` new ids per row."""
+        """Greedy decoding with the interventions: prompt + ``max_new_tokens`` new ids per row.
+
+        Adapters with :attr:`supports_sampling` also take ``decoding=`` (a :class:`Decoding`).
+        """
 
     def score_next_tokens(self, batch: Batch, interventions: Sequence[Intervention]) -> TokenScores:
         """:class:`TokenScores` of the batch's own tokens under the interventions."""
@@ -299,6 +306,65 @@ def greedy_generate_kwargs(
         "eos_token_id": eos or None,
         "pad_token_id": pad_id,
     }
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How :func:`steerx_lens.hooks.generate` picks tokens: greedy (the default) or sampled.
+
+    Sampled decoding draws from the softmax of ``logits / temperature`` restricted to the
+    smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling; no top-k cut).
+    The draw is seeded with ``seed`` inside a forked RNG (:func:`torch.random.fork_rng`), so the
+    global torch RNG state is left as it was, and the same prompts, batch, model, device and
+    seed give the same texts. Rows of one batch draw from one stream: a row's sample depends on
+    the other rows of its batch (as with HF ``generate``); draw several samples per prompt with
+    several seeds.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def with_seed(self, seed: int) -> Decoding:
+        """The same decoding with another seed (one call per sample)."""
+        return replace(self, seed=seed)
+
+
+GREEDY = Decoding()
+"""Greedy decoding (argmax at every step)."""
+
+
+def generate_kwargs(
+    generation_config: Any,
+    tokenizer: Any,
+    pad_id: int,
+    max_new_tokens: int,
+    decoding: Decoding | None = None,
+) -> dict[str, Any]:
+    """HF ``generate`` keyword arguments: :func:`greedy_generate_kwargs` unless ``decoding``
+    samples, then temperature and top-p from ``decoding`` (top-k off)."""
+    options = greedy_generate_kwargs(generation_config, tokenizer, pad_id, max_new_tokens)
+    if decoding is not None and decoding.do_sample:
+        options.update(
+            do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=0
+        )
+    return options
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG (CPU, and ``device``'s CUDA generators) for the block, then restore it."""
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def eos_token_ids(model_config: Any, tokenizer: Any) -> set[int]:

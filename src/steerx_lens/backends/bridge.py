@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steerx_lens.backends import patches
-from steerx_lens.backends.base import Batch, ModelAdapter
+from steerx_lens.backends.base import Batch, Decoding, ModelAdapter
 from steerx_lens.backends.hf import hf_generate, install_tracker, position_ids_for
 from steerx_lens.backends.transformer_lens import _TLAdapterBase
 from steerx_lens.core import Intervention
@@ -88,11 +88,18 @@ class BridgeAdapter(_TLAdapterBase):
                 use_cache=False,
             )
 
+    supports_sampling = True
+
     def generate(
-        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
+        self,
+        batch: Batch,
+        interventions: Sequence[Intervention],
+        max_new_tokens: int,
+        decoding: Decoding | None = None,
     ) -> Int[Tensor, "batch total"]:
         """HF ``generate`` on the bridged model, KV-cached (needs the ``"bridge_kv_cache"``
-        patch: without it every cached step attends to itself alone)."""
+        patch: without it every cached step attends to itself alone); greedy unless
+        ``decoding`` samples."""
         if not patches.is_enabled("bridge_kv_cache"):
             raise BackendError(
                 "bridge generation needs the 'bridge_kv_cache' compatibility patch (disabled): "
@@ -100,4 +107,6 @@ class BridgeAdapter(_TLAdapterBase):
                 "generate on the hf backend"
             )
         patches.fix_bridge_kv_cache()
-        return hf_generate(self, self.model.original_model, batch, interventions, max_new_tokens)
+        return hf_generate(
+            self, self.model.original_model, batch, interventions, max_new_tokens, decoding
+        )

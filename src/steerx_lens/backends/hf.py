@@ -6,7 +6,7 @@ Also the fast generation path: HF ``generate`` with the hooks active.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 from steerx_lens.backends.base import (
     Batch,
+    Decoding,
     ModelAdapter,
     StepTracker,
-    greedy_generate_kwargs,
+    generate_kwargs,
     pad_to_length,
     resid_mid_edit,
+    seeded,
 )
 from steerx_lens.backends.layout import get_path, resolve_layout
 from steerx_lens.core import Intervention, compose
@@ -187,10 +189,16 @@ class HFAdapter(ModelAdapter):
                 use_cache=False,
             ).logits
 
+    supports_sampling = True
+
     def generate(
-        self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int
+        self,
+        batch: Batch,
+        interventions: Sequence[Intervention],
+        max_new_tokens: int,
+        decoding: Decoding | None = None,
     ) -> Int[Tensor, "batch total"]:
-        return hf_generate(self, self.model, batch, interventions, max_new_tokens)
+        return hf_generate(self, self.model, batch, interventions, max_new_tokens, decoding)
 
 
 def hf_generate(
@@ -199,12 +207,23 @@ def hf_generate(
     batch: Batch,
     interventions: Sequence[Intervention],
     max_new_tokens: int,
+    decoding: Decoding | None = None,
 ) -> Int[Tensor, "batch total"]:
-    """Greedy HF ``generate`` with the adapter's hooks active; always ``max_new_tokens`` long."""
-    options = greedy_generate_kwargs(
-        hf_model.generation_config, adapter.tokenizer, adapter.pad_token_id, max_new_tokens
+    """HF ``generate`` with the adapter's hooks active; always ``max_new_tokens`` long.
+
+    Greedy unless ``decoding`` samples; a sampled run is seeded with ``decoding.seed`` in a
+    forked RNG (:func:`~steerx_lens.backends.base.seeded`).
+    """
+    options = generate_kwargs(
+        hf_model.generation_config,
+        adapter.tokenizer,
+        adapter.pad_token_id,
+        max_new_tokens,
+        decoding,
     )
-    with adapter.apply(interventions), torch.no_grad():
+    sampled = decoding is not None and decoding.do_sample
+    rng = seeded(decoding.seed, batch.input_ids.device) if sampled else nullcontext()
+    with adapter.apply(interventions), torch.no_grad(), rng:
         out = hf_model.generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, **options
         )

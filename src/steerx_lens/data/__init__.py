@@ -32,8 +32,12 @@ from steerx_lens.data.sources.stackexchange import (
     stackexchange_item,
 )
 from steerx_lens.data.sources.synthetic import MAX_SYNTHETIC_USERS, make_synthetic_users
+from steerx_lens.data.splits import DEFAULT_N_VALIDATION, fit_split, has_validation
 
 __all__ = [
+    "DEFAULT_N_VALIDATION",
+    "fit_split",
+    "has_validation",
     "FILE_READERS",
     "HEALTH_ACCOUNTS",
     "MAX_SYNTHETIC_USERS",

@@ -1,62 +1,77 @@
-"""The SteerX experiment: fit every user, evaluate every method on held-out text, write the
-report.
+"""The SteerX experiment: fit every user, evaluate every method and control on held-out text,
+compute the paired statistics, write the report.
 
-Results are keyed by content: :attr:`Experiment.key` hashes the configuration, the model and
-every user's data (the population: other users' vectors and the shared vector depend on it),
-and a user's record in ``DIR/users/`` is reused only when its key matches, so editing any
-user's items recomputes every user. The fit is saved as it goes under
-``DIR/cache/fit-<fit key>/`` (the population, then each user's evidence and vectors), so an
-interrupted or resumed run never fits a user twice. Items the pipeline cannot use are skipped
-by the rule of :mod:`steerx_lens.screening`; a user whose evaluation fails on its data is
-reported and the others finish; a run with no evaluable user is a :class:`DataError`. The
-output folder is held with :func:`steerx_lens.runs.out_lock` while the run writes.
+Splits are fixed per item (:mod:`steerx_lens.data.splits`): vectors, attribution, descriptions,
+distinctive-term masks and history prompts use each user's *fit* items only; the validation
+items are left to the sweep; held-out items are only scored. Each steered method has its own
+cell (layer, alpha, r; :mod:`steerx_lens.evaluation.cells`), so a run fits the population at
+every layer some method uses; the per-user evidence (attribution, ŷ, minimal pairs) does not
+depend on the layer and is computed once.
+
+Results are keyed by content: :attr:`Experiment.key` hashes the configuration and cells, the
+model and every user's data, and a user's record in ``DIR/users/`` is reused only when its key
+matches. The fit is saved as it goes under ``DIR/cache/fit-<fit key>/`` (evidence per user,
+then per layer the population and each user's vectors and directions), so an interrupted run
+never fits a user twice. Items the pipeline cannot use are skipped by the rule of
+:mod:`steerx_lens.screening`; a user whose evaluation fails on its data is reported and the
+others finish; a run with no evaluable user is a :class:`DataError`. The output folder is held
+with :func:`steerx_lens.runs.out_lock` while the run writes.
 
 Users are evaluated in groups (``users_per_batch``): the NLL rows of every user, method and
-other user's vector of a group share forward batches (each row steered by its own vector), and
-each generation method is one batched generation over the group's prompts. Rows are left-padded
-and masked, so a user's numbers do not depend on which users it was batched with (up to float
-rounding).
+other user's vector of a group share forward batches (each row steered by its own vector; one
+call per site), and each generation method is one batched generation over the group's prompts.
+Rows are left-padded and masked, so a user's numbers do not depend on which users it was batched
+with (up to float rounding).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from steerx_lens import hooks
 from steerx_lens.atomic import write_bytes, write_text
 from steerx_lens.attribution import AttributionConfig
-from steerx_lens.data import HistoryItem, UserHistory
+from steerx_lens.data import DEFAULT_N_VALIDATION, HistoryItem, UserHistory, fit_split
 from steerx_lens.errors import DataError, SteerXError
+from steerx_lens.evaluation.cells import STEERED_METHODS, Cell, default_cells
+from steerx_lens.evaluation.generation import (
+    generate_samples,
+    generation_informative,
+    generation_prompt,
+    scored_pairs,
+)
+from steerx_lens.evaluation.masks import distinct_spans, planted_spans, span_masks
 from steerx_lens.evaluation.metrics import (
     ALL_METHODS,
-    GENERATION_METHODS,
+    DESCRIPTION_SYSTEM_TEMPLATE,
+    OTHER_METHODS,
     encode_for_eval,
-    generation_scores,
-    paired_stats,
+    item_generation_scores,
     preference_masks,
     token_nll,
 )
 from steerx_lens.evaluation.report import write_report
 from steerx_lens.evaluation.results import (
-    MethodScores,
-    PairedStats,
+    GENERATION_METRICS,
+    NLL_METRICS,
+    ItemValues,
+    Metric,
     RunMetrics,
-    RunStats,
     UserRecord,
 )
+from steerx_lens.evaluation.stats import UserItems, adjust, compare
 from steerx_lens.evidence import UserEvidence
 from steerx_lens.pipeline import (
     FitResult,
@@ -68,41 +83,70 @@ from steerx_lens.pipeline import (
 )
 from steerx_lens.runs import content_key, out_lock, user_file_names, write_name_index
 from steerx_lens.screening import history_limits, screen_items
-from steerx_lens.text import EncodedText, build_prompt, history_block
+from steerx_lens.text import EncodedText, encode_item, history_block
 from steerx_lens.vectors import SteeringVector
 from steerx_lens.viz import save_attribution_html
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
-OWN_METHODS = ("none", "baseline", "steerx", "shared", "history_prompt")
+PRIMARY = ("steerx", "baseline", "nll")
+"""The one primary comparison: SteerX vs the all-history baseline of the same backbone,
+all-token held-out NLL, paired over users."""
+COMPARISONS = (
+    ("steerx", "baseline"),
+    ("steerx", "none"),
+    ("baseline", "none"),
+    ("shared", "none"),
+    ("steerx", "shared"),
+    ("baseline", "shared"),
+    ("steerx", "decomposed_baseline"),
+    ("steerx", "random_swap"),
+    ("steerx", "steerx_other"),
+    ("baseline", "baseline_other"),
+    ("history_prompt", "none"),
+    ("description_prompt", "none"),
+)
+"""Every reported comparison (a, b): positive mean = a better. Holm adjusts over all of them ×
+:data:`COMPARED_METRICS`."""
+COMPARED_METRICS = ("nll", "nll_distinct", "nll_marker", "nll_pref", "rougeL", "bleu")
 NllKey = tuple[str, str, str | None]  # (user id, method, other user's id for *_other methods)
 NllRequests = dict[NllKey, tuple[list[EncodedText], list[SteeringVector | None]]]
+Masks = dict[Metric, list[Bool[Tensor, " n"]]]
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
+def _item_values(nlls: Sequence[Float[Tensor, " n"]], masks: Sequence[Tensor] | None) -> ItemValues:
+    """Per item, the mean NLL over the mask's tokens (all tokens without a mask) and how many
+    were counted. A mask may be shorter than its item (attribution truncates responses that do
+    not fit ``max_context_tokens``): it covers the response's first tokens."""
+    values: list[float | None] = []
+    weights: list[int] = []
+    for index, nll in enumerate(nlls):
+        if masks is None:
+            chosen = nll
+        else:
+            mask = masks[index]
+            chosen = nll[: mask.numel()][mask[: nll.numel()]] if mask.numel() else nll[:0]
+        count = int(chosen.numel())
+        value = float(chosen.mean()) if count else None
+        finite = value is not None and np.isfinite(value)
+        values.append(value if finite else None)  # e.g. overflowed activations: no number
+        weights.append(count if finite else 0)
+    return ItemValues(values, weights)
 
 
-def _pooled_nll(nlls: Sequence[Any], masks: Sequence[Any] | None = None) -> float | None:
-    """Token-weighted mean NLL over a user's held-out items (optionally on masked tokens).
-
-    A mask may be shorter than its item: attribution truncates responses that do not fit
-    ``max_context_tokens``, so the mask covers the response's first tokens.
-    """
-    values = [
-        nll if masks is None else nll[: mask.numel()][mask]
-        for nll, mask in zip(nlls, masks or nlls, strict=True)
-    ]
-    count = sum(int(v.numel()) for v in values)
-    if not count:
-        return None
-    value = float(sum(float(v.sum()) for v in values) / count)
-    return value if math.isfinite(value) else None  # e.g. activations overflowed: no number
+def _average_items(per_other: Sequence[ItemValues]) -> ItemValues:
+    """Per item, the mean over other users' vectors (items with no value under any: None)."""
+    values: list[float | None] = []
+    weights: list[int] = []
+    for index in range(len(per_other[0].values)):
+        found = [v.values[index] for v in per_other if v.values[index] is not None]
+        values.append(float(np.mean(found)) if found else None)
+        weights.append(per_other[0].weights[index] if found else 0)
+    return ItemValues(values, weights)
 
 
 class Experiment:
-    """Runs :mod:`steerx_lens.evaluation.metrics` over users and writes ``DIR``."""
+    """Fits users, scores every method on held-out items and writes ``DIR``."""
 
     def __init__(
         self,
@@ -115,6 +159,8 @@ class Experiment:
         run_info: dict[str, Any] | None = None,
         progress: bool = True,
         users_per_batch: int = 8,
+        cells: Mapping[str, Cell] | None = None,
+        n_validation: int = DEFAULT_N_VALIDATION,
     ) -> None:
         if users_per_batch < 1:
             raise ValueError(f"users_per_batch must be >= 1, got {users_per_batch}")
@@ -123,24 +169,36 @@ class Experiment:
         self.model = model
         self.out = Path(out)
         self.pipeline = SteerX(model, config, cache_dir=self.out / "cache", progress=progress)
+        base = self.pipeline.config
+        assert base.layer is not None  # resolved by SteerX
+        unknown = sorted(set(cells or {}) - set(STEERED_METHODS))
+        if unknown:
+            raise ValueError(f"cells for unknown methods {unknown}; known: {STEERED_METHODS}")
+        self.cells = {**default_cells(base.layer, base.alpha, base.r), **(cells or {})}
+        for cell in self.cells.values():
+            self.pipeline.adapter.resolve(base.site_at(cell.layer))
         self.generate = generate
         self.max_new_tokens = max_new_tokens
         self.progress = progress
         self.users_per_batch = users_per_batch  # not in the config: results do not depend on it
+        self.n_validation = n_validation
         self.names = user_file_names([user.user_id for user in users])
         self.skipped_items: dict[str, list[str]] = {}
         self.skipped: dict[str, str] = {}
         self.users: list[UserHistory] = []
         for user in users:
-            usable = self._usable(user)
+            usable = self._usable(fit_split(user, n_validation)[0])
             if usable.history and usable.heldout:
                 self.users.append(usable)
             elif user.history and user.heldout:
                 self.skipped[user.user_id] = "no usable history or no usable held-out items"
             else:
                 self.skipped[user.user_id] = "no history or no held-out items"
+        fit_config = {k: v for k, v in asdict(base).items() if k not in ("layer", "alpha", "r")}
         self.config = {
-            **asdict(self.pipeline.config),
+            **asdict(base),
+            "cells": {method: cell.to_json() for method, cell in self.cells.items()},
+            "n_validation": n_validation,
             "generate": generate,
             "max_new_tokens": max_new_tokens,
             "users": [u.user_id for u in self.users],
@@ -151,9 +209,10 @@ class Experiment:
             "stack": type(self.pipeline.adapter).__name__,
         }
         data = content_key([user.to_dict() for user in self.users])
-        fit_config = asdict(self.pipeline.config)
         self.fit_key = content_key({"config": fit_config, "model": model_id, "users": data})
         self.key = content_key({"config": self.config, "model": model_id, "users": data})
+        self._fits: dict[int, FitResult] = {}
+        self._evidence: dict[str, UserEvidence] = {}
 
     def _usable(self, user: UserHistory) -> UserHistory:
         """``user`` without the items the run cannot use (:mod:`steerx_lens.screening`); the
@@ -185,7 +244,7 @@ class Experiment:
             record = json.loads(self.user_file(user_id).read_text(encoding="utf-8"))
             if record.get("config_key") != self.key or record.get("user_id") != user_id:
                 return None
-            return UserRecord.from_json(record, ALL_METHODS)
+            return UserRecord.from_json(record)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None  # missing or unreadable: computed again
 
@@ -195,9 +254,8 @@ class Experiment:
         """Where the fit is saved as it goes: ``DIR/cache/fit-<fit key>/``."""
         return self.out / "cache" / f"fit-{self.fit_key}"
 
-    def _load_population(self) -> Population | None:
-        """The population saved by an earlier run with the same fit key, if complete."""
-        folder = self.fit_dir / "population"
+    def _load_population(self, folder: Path) -> Population | None:
+        """The population saved in ``folder`` by an earlier run with the same fit key."""
         try:
             meta = json.loads((folder / "population.json").read_text(encoding="utf-8"))
             by_id = {user.user_id: user for user in self.users}
@@ -211,8 +269,7 @@ class Experiment:
         except (OSError, ValueError, KeyError, TypeError, SteerXError):
             return None
 
-    def _save_population(self, population: Population) -> None:
-        folder = self.fit_dir / "population"
+    def _save_population(self, population: Population, folder: Path) -> None:
         for uid, vector in population.baselines.items():
             vector.save(folder / f"{self.names[uid]}.baseline.safetensors")
         population.shared.save(folder / "shared.safetensors")
@@ -223,62 +280,79 @@ class Experiment:
         }
         write_text(folder / "population.json", json.dumps(meta))  # last: marks it complete
 
-    def _fit_user(
-        self, user: UserHistory, population: Population
-    ) -> tuple[UserSteering, UserEvidence]:
-        """One user's vectors and evidence: loaded when saved by an earlier run, else computed
-        and saved (evidence first, then the vectors; the SteerX vector marks them complete)."""
-        stem = self.fit_dir / "users" / self.names[user.user_id]
-        evidence_file, direction_file = (
-            Path(f"{stem}.{p}.safetensors") for p in ("evidence", "direction")
-        )
-        vectors = {mode: Path(f"{stem}.{mode}.safetensors") for mode in ("baseline", "steerx")}
+    def _user_evidence(self, user: UserHistory, population: Population) -> UserEvidence:
+        """The user's evidence (layer-independent): memoised, saved, loaded when saved."""
+        if user.user_id in self._evidence:
+            return self._evidence[user.user_id]
+        path = self.fit_dir / "evidence" / f"{self.names[user.user_id]}.safetensors"
         try:
-            evidence = UserEvidence.load(evidence_file)
+            evidence = UserEvidence.load(path)
         except SteerXError:
             evidence = self.pipeline.evidence(user, population)
-            evidence.save(evidence_file)
-        try:
-            baseline, steerx = (SteeringVector.load(vectors[m]) for m in ("baseline", "steerx"))
-            direction = None
-            if direction_file.exists():
-                direction = load_file(str(direction_file))["direction"]
-            pairs = evidence.pairs.n_swapped_tokens
-            return (
-                UserSteering(
-                    user.user_id, evidence.attribution, baseline, steerx, pairs, direction
-                ),
-                evidence,
-            )
-        except (SteerXError, SafetensorError, OSError, KeyError):
-            pass  # not saved yet (or unreadable): computed below
-        fitted = self.pipeline.vectors(evidence, population)
-        if fitted.personal_direction is not None:
-            tensors = {"direction": fitted.personal_direction.contiguous()}
-            write_bytes(direction_file, save(tensors))
-        fitted.baseline.save(vectors["baseline"])
-        fitted.steerx.save(vectors["steerx"])
-        return fitted, evidence
+            evidence.save(path)
+        self._evidence[user.user_id] = evidence
+        return evidence
 
-    def fit(self) -> FitResult:
-        """Every user's evidence and vectors, as :meth:`SteerX.fit_many` computes them, resumed
-        from :attr:`fit_dir` (what an earlier run with the same fit key saved is reused)."""
-        population = self._load_population()
+    def _fit_user(self, user: UserHistory, population: Population, folder: Path) -> UserSteering:
+        """One user's vectors at the population's site: loaded when saved, else computed and
+        saved (the directions file marks them complete)."""
+        evidence = self._user_evidence(user, population)
+        path = folder / "users" / f"{self.names[user.user_id]}.directions.safetensors"
+        baseline = population.baselines.get(user.user_id)
+        if baseline is not None:
+            try:
+                tensors = load_file(str(path))
+                return self.pipeline.assemble(
+                    evidence,
+                    population,
+                    baseline,
+                    tensors.get("steerx"),
+                    tensors.get("random_swap"),
+                )
+            except (SafetensorError, OSError):
+                pass  # not saved yet (or unreadable): computed below
+        fitted = self.pipeline.vectors(evidence, population)
+        directions = {
+            name: tensor.contiguous()
+            for name, tensor in (
+                ("steerx", fitted.personal_direction),
+                ("random_swap", fitted.random_direction),
+            )
+            if tensor is not None
+        }
+        write_bytes(path, save(directions))
+        return fitted
+
+    def fit_at(self, layer: int) -> FitResult:
+        """Every user's vectors at ``layer`` (resumed from :attr:`fit_dir`)."""
+        if layer in self._fits:
+            return self._fits[layer]
+        folder = self.fit_dir / f"layer-{layer}"
+        population = self._load_population(folder)
         if population is None:
-            population = self.pipeline.build_population(self.users)
-            self._save_population(population)
+            site = self.pipeline.config.site_at(layer)
+            population = self.pipeline.build_population(self.users, site)
+            self._save_population(population, folder)
         failures = dict(population.failures)
         fitted: dict[str, UserSteering] = {}
-        evidence: dict[str, UserEvidence] = {}
-        for user in tqdm(population.users, desc="SteerX users", disable=not self.progress):
+        for user in tqdm(
+            population.users, desc=f"users at layer {layer}", disable=not self.progress
+        ):
             try:
-                fitted[user.user_id], evidence[user.user_id] = self._fit_user(user, population)
+                fitted[user.user_id] = self._fit_user(user, population, folder)
             except (SteerXError, ValueError) as error:
                 failures[user.user_id] = f"{type(error).__name__}: {error}"
-        return FitResult(population, fitted, failures, evidence)
+        self._fits[layer] = FitResult(population, fitted, failures, dict(self._evidence))
+        return self._fits[layer]
+
+    def fit(self) -> dict[str, FitResult]:
+        """The fits at every layer some method's cell uses."""
+        return {
+            layer: self.fit_at(layer) for layer in sorted({c.layer for c in self.cells.values()})
+        }
 
     def prompt_history(self, user: UserHistory) -> list[HistoryItem]:
-        """The most recent history items whose block fits half of ``max_context_tokens``."""
+        """The most recent fit items whose block fits half of ``max_context_tokens``."""
         tokenizer = self.pipeline.adapter.tokenizer
         budget = self.pipeline.config.max_context_tokens // 2
         chosen: list[HistoryItem] = []
@@ -289,21 +363,46 @@ class Experiment:
             chosen = block
         return chosen
 
-    def _vectors(self, user: UserHistory, fit: FitResult) -> dict[str, SteeringVector | None]:
-        """The user's own vector of every unprompted method (``none``: no vector)."""
-        mine = fit.users[user.user_id]
-        return {
-            "none": None,
-            "baseline": mine.baseline,
-            "steerx": mine.steerx,
-            "shared": fit.population.shared,
-        }
+    # ------------------------------------------------------------------ methods' vectors
+    def method_vector(
+        self, user_id: str, method: str, fits: Mapping[int, FitResult]
+    ) -> SteeringVector:
+        """The vector ``method`` adds for ``user_id`` at its cell (alpha included)."""
+        cell = self.cells[method]
+        fit = fits[cell.layer]
+        population, mine = fit.population, fit.users[user_id]
+        shared, norm = population.shared_for(user_id), population.residual_norm
+        r = cell.r if cell.r is not None else self.pipeline.config.r
+        if method == "shared":
+            return replace(shared, alpha=cell.alpha)
+        if method == "baseline":
+            return replace(mine.baseline, alpha=cell.alpha)
+        if method == "steerx":
+            return mine.steerx_at(shared, r, norm, cell.alpha)
+        if method == "decomposed_baseline":
+            return mine.decomposed_at(shared, r, norm, cell.alpha)
+        if method == "random_swap":
+            return mine.random_swap_at(shared, r, norm, cell.alpha)
+        raise ValueError(f"{method!r} adds no vector")
 
+    def _steering_norm(self, vector: SteeringVector, fits: Mapping[int, FitResult]) -> float:
+        """``‖alpha·v‖ / ‖h‖`` at the vector's layer."""
+        norm = fits[vector.layer].population.residual_norm if vector.layer is not None else 0.0
+        return abs(vector.alpha) * vector.norm() / norm if norm else float("nan")
+
+    def _other_user(self, user_id: str, candidates: Sequence[str]) -> str:
+        """The one other user whose vectors the ``*_other`` generation controls use (seeded
+        by the seed and the user's id)."""
+        others = sorted(uid for uid in candidates if uid != user_id)
+        return random.Random(f"{self.pipeline.config.seed}:{user_id}:other").choice(others)
+
+    # ------------------------------------------------------------------ NLL
     def _nll_requests(
         self,
         users: Sequence[UserHistory],
-        fit: FitResult,
-        histories: dict[str, list[HistoryItem]],
+        fits: Mapping[int, FitResult],
+        histories: Mapping[str, list[HistoryItem]],
+        fitted_ids: Sequence[str],
     ) -> NllRequests:
         """Every (user, method, other user) NLL evaluation: its texts and one vector per text."""
         tokenizer = self.pipeline.adapter.tokenizer
@@ -311,122 +410,188 @@ class Experiment:
         for user in users:
             uid, n = user.user_id, len(user.heldout)
             plain = [encode_for_eval(tokenizer, item) for item in user.heldout]
-            for method, vector in self._vectors(user, fit).items():
-                requests[uid, method, None] = (plain, [vector] * n)
+            requests[uid, "none", None] = (plain, [None] * n)
+            for method in STEERED_METHODS:
+                requests[uid, method, None] = (plain, [self.method_vector(uid, method, fits)] * n)
             prompted = [encode_for_eval(tokenizer, item, histories[uid]) for item in user.heldout]
             requests[uid, "history_prompt", None] = (prompted, [None] * n)
-            for mode in ("baseline", "steerx"):
-                for other_id, other in fit.users.items():
+            description = self._description(uid, fits)
+            if description:
+                system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+                described = [encode_item(tokenizer, item, (), system) for item in user.heldout]
+                requests[uid, "description_prompt", None] = (described, [None] * n)
+            for control, mode in OTHER_METHODS.items():
+                for other_id in fitted_ids:
                     if other_id != uid:
-                        requests[uid, f"{mode}_other", other_id] = (
-                            plain,
-                            [getattr(other, mode)] * n,
-                        )
+                        vector = self.method_vector(other_id, mode, fits)
+                        requests[uid, control, other_id] = (plain, [vector] * n)
         return requests
+
+    def _description(self, user_id: str, fits: Mapping[int, FitResult]) -> str | None:
+        fit = next(iter(fits.values()))
+        return fit.users[user_id].description if user_id in fit.users else None
 
     def _batched_nll(
         self, requests: NllRequests
     ) -> dict[NllKey, list[Float[Tensor, " n_response"]]]:
-        """All requests' per-token NLLs from one :func:`token_nll` call (rows of every user and
-        method share forward batches, each row steered by its own vector)."""
-        texts = [text for rows, _ in requests.values() for text in rows]
-        vectors = [vector for _, rows in requests.values() for vector in rows]
-        values = iter(
-            token_nll(self.model, texts, vectors, batch_size=self.pipeline.config.batch_size)
-        )
-        return {key: [next(values) for _ in rows] for key, (rows, _) in requests.items()}
+        """All requests' per-token NLLs: one :func:`token_nll` call per site (rows of every
+        user and method share forward batches, each row steered by its own vector)."""
+        by_site: dict[str | None, list[NllKey]] = {}
+        for key, (_, vectors) in requests.items():
+            site = next((v.site for v in vectors if v is not None), None)
+            by_site.setdefault(site, []).append(key)
+        if None in by_site and len(by_site) > 1:  # unsteered rows join a steered call
+            unsteered = by_site.pop(None)
+            by_site[next(iter(by_site))] = unsteered + by_site[next(iter(by_site))]
+        result: dict[NllKey, list[Tensor]] = {}
+        for keys in by_site.values():
+            texts = [text for key in keys for text in requests[key][0]]
+            vectors = [vector for key in keys for vector in requests[key][1]]
+            values = iter(
+                token_nll(self.model, texts, vectors, batch_size=self.pipeline.config.batch_size)
+            )
+            for key in keys:
+                result[key] = [next(values) for _ in requests[key][0]]
+        return result
 
-    def _generations(
-        self, prompts: Sequence[str], vectors: Sequence[SteeringVector | None]
-    ) -> list[str]:
-        """Greedy continuations from one :func:`hooks.generate` call, row ``i`` steered by
-        ``vectors[i]`` (a ``None`` row gets a zero vector, i.e. is left as it is)."""
-        steered = [vector for vector in vectors if vector is not None]
-        interventions: list[hooks.Steer] = []
-        if steered:
-            zero = replace(steered[0], vector=torch.zeros_like(steered[0].vector))
-            rows = [zero if vector is None else vector for vector in vectors]
-            interventions.append(stacked_steer(rows))
-        out = hooks.generate(
-            self.model, list(prompts), *interventions, max_new_tokens=self.max_new_tokens
-        )
-        return [text.strip() for text in out.texts]
+    def _masks(self, user: UserHistory, population: Population, spans: Mapping[str, Any]) -> Masks:
+        """Per metric, the held-out tokens it counts (:mod:`steerx_lens.evaluation.masks`)."""
+        tokenizer = self.pipeline.adapter.tokenizer
+        texts = [encode_for_eval(tokenizer, item) for item in user.heldout]
+        config = self.pipeline.config
+        masks: Masks = {
+            "nll_distinct": span_masks(tokenizer, texts, user, spans[user.user_id]),
+            "nll_pref": preference_masks(
+                self.model,
+                user,
+                population.users,
+                config=AttributionConfig(
+                    k_counterfactual=config.k_counterfactual,
+                    max_context_tokens=config.max_context_tokens,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                ),
+            ),
+        }
+        planted = planted_spans(user)
+        if planted is not None:
+            masks["nll_marker"] = span_masks(tokenizer, texts, user, planted)
+        return masks
 
+    # ------------------------------------------------------------------ generation
     def _generation_texts(
         self,
         users: Sequence[UserHistory],
-        fit: FitResult,
-        histories: dict[str, list[HistoryItem]],
+        fits: Mapping[int, FitResult],
+        histories: Mapping[str, list[HistoryItem]],
+        fitted_ids: Sequence[str],
     ) -> dict[str, dict[str, list[str]]]:
-        """Per user and generation method, the continuations of the held-out prompts: one
-        batched generation per method over every user's prompts."""
+        """Per user and method, greedy continuations of the held-out task prompts
+        (:mod:`steerx_lens.evaluation.generation`): one batched generation per method."""
         tokenizer = self.pipeline.adapter.tokenizer
         texts: dict[str, dict[str, list[str]]] = {user.user_id: {} for user in users}
-        for method in GENERATION_METHODS:
+        for method in ALL_METHODS:
             prompts: list[str] = []
             vectors: list[SteeringVector | None] = []
+            rows: list[str] = []
             for user in users:
-                history = histories[user.user_id] if method == "history_prompt" else []
-                vector = None if method == "history_prompt" else self._vectors(user, fit)[method]
-                prompts += [
-                    build_prompt(tokenizer, item.input, history or None) for item in user.heldout
-                ]
-                vectors += [vector] * len(user.heldout)
-            generated = iter(self._generations(prompts, vectors))
-            for user in users:
-                texts[user.user_id][method] = [next(generated) for _ in user.heldout]
+                uid, source = user.user_id, user.meta.get("source")
+                history: list[HistoryItem] | None = None
+                system, vector = None, None
+                if method == "history_prompt":
+                    history = histories[uid]
+                elif method == "description_prompt":
+                    description = self._description(uid, fits)
+                    if not description:
+                        continue
+                    system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+                elif method in OTHER_METHODS:
+                    other = self._other_user(uid, fitted_ids)
+                    vector = self.method_vector(other, OTHER_METHODS[method], fits)
+                elif method != "none":
+                    vector = self.method_vector(uid, method, fits)
+                for item in user.heldout:
+                    prompts.append(generation_prompt(tokenizer, item, source, history, system))
+                    vectors.append(vector)
+                rows.append(uid)
+            if not prompts:
+                continue
+            steered = [v for v in vectors if v is not None]
+            interventions = []
+            if steered:
+                zero = replace(steered[0], vector=torch.zeros_like(steered[0].vector))
+                interventions.append(stacked_steer([zero if v is None else v for v in vectors]))
+            generated = iter(
+                generate_samples(
+                    self.model, prompts, *interventions, max_new_tokens=self.max_new_tokens
+                )[0]
+            )
+            by_id = {user.user_id: user for user in users}
+            for uid in rows:
+                texts[uid][method] = [next(generated) for _ in by_id[uid].heldout]
         return texts
 
-    def evaluate_users(self, users: Sequence[UserHistory], fit: FitResult) -> dict[str, UserRecord]:
-        """Every method's metrics on the users' held-out items, one record per user.
-
-        The users are evaluated together so that batches are full: all NLLs in one
-        :func:`token_nll` call, each generation method in one :func:`hooks.generate` call.
-        """
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_users(
+        self,
+        users: Sequence[UserHistory],
+        fits: Mapping[int, FitResult],
+        spans: Mapping[str, Any],
+    ) -> dict[str, UserRecord]:
+        """Every method's per-item values on the users' held-out items, one record per user."""
+        first = fits[min(fits)]
+        fitted_ids = [uid for uid in first.users if all(uid in f.users for f in fits.values())]
         histories = {user.user_id: self.prompt_history(user) for user in users}
-        nlls = self._batched_nll(self._nll_requests(users, fit, histories))
-        generations = self._generation_texts(users, fit, histories) if self.generate else {}
+        nlls = self._batched_nll(self._nll_requests(users, fits, histories, fitted_ids))
+        generations = (
+            self._generation_texts(users, fits, histories, fitted_ids) if self.generate else {}
+        )
         records: dict[str, UserRecord] = {}
         for user in users:
             uid = user.user_id
-            mine = fit.users[uid]
-            masks = preference_masks(
-                self.model,
-                user,
-                fit.population.users,
-                config=AttributionConfig(
-                    k_counterfactual=self.pipeline.config.k_counterfactual,
-                    max_context_tokens=self.pipeline.config.max_context_tokens,
-                    batch_size=self.pipeline.config.batch_size,
-                ),
-            )
-            references = [item.output for item in user.heldout]
-            scores: dict[str, MethodScores] = {}
-            for method in OWN_METHODS:
-                values = nlls[uid, method, None]
-                texts = generations[uid].get(method) if self.generate else None
-                scores[method] = MethodScores(
-                    _pooled_nll(values),
-                    _pooled_nll(values, masks),
-                    None if texts is None else generation_scores(texts, references),
-                )
-            others = [other_id for other_id in fit.users if other_id != uid]
-            for mode in ("baseline", "steerx") if others else ():
-                per_other = [nlls[uid, f"{mode}_other", other_id] for other_id in others]
-                scores[f"{mode}_other"] = MethodScores(
-                    _mean([_pooled_nll(values) for values in per_other]),
-                    _mean([_pooled_nll(values, masks) for values in per_other]),
-                )
+            masks = self._masks(user, first.population, spans)
+            items: dict[str, dict[Metric, ItemValues]] = {}
+            methods = [m for m in ALL_METHODS if (uid, m, None) in nlls or m in OTHER_METHODS]
+            for method in methods:
+                if method in OTHER_METHODS:
+                    others = [o for o in fitted_ids if o != uid]
+                    if not others:
+                        continue
+                    per_metric = {
+                        metric: _average_items(
+                            [_item_values(nlls[uid, method, o], masks.get(metric)) for o in others]
+                        )
+                        for metric in ("nll", *masks)
+                    }
+                else:
+                    values = nlls[uid, method, None]
+                    per_metric = {
+                        metric: _item_values(values, masks.get(metric))
+                        for metric in ("nll", *masks)
+                    }
+                if self.generate and method in generations[uid]:
+                    predictions, references = scored_pairs(
+                        user.heldout, generations[uid][method], user.meta.get("source")
+                    )
+                    for metric, values in item_generation_scores(predictions, references).items():
+                        per_metric[metric] = ItemValues(list(values), [1] * len(values))
+                items[method] = per_metric
+            mine = first.users[uid]
+            norms = {
+                m: self._steering_norm(self.method_vector(uid, m, fits), fits)
+                for m in STEERED_METHODS
+            }
             records[uid] = UserRecord(
                 user_id=uid,
                 config_key=self.key,
-                n_heldout_tokens=int(sum(m.numel() for m in masks)),
-                n_pref_tokens=int(sum(int(m.sum()) for m in masks)),
+                n_heldout_tokens=sum(len(v) for v in nlls[uid, "none", None]),
+                mask_tokens={m: int(sum(int(x.sum()) for x in masks[m])) for m in masks},
                 description=mine.description,
                 top_spans=mine.attribution.spans[:8],
                 n_swapped_tokens=mine.n_swapped_tokens,
-                steerx_fallback=bool(mine.steerx.extra.get("fallback")),
-                scores=scores,
+                steerx_fallback=mine.personal_direction is None,
+                items=items,
+                steering_norm=norms,
                 generations=generations[uid] if self.generate else None,
             )
             save_attribution_html(
@@ -435,19 +600,23 @@ class Experiment:
         return records
 
     def _evaluate_isolated(
-        self, users: Sequence[UserHistory], fit: FitResult, failures: dict[str, str]
+        self,
+        users: Sequence[UserHistory],
+        fits: Mapping[int, FitResult],
+        spans: Mapping[str, Any],
+        failures: dict[str, str],
     ) -> dict[str, UserRecord]:
         """:meth:`evaluate_users`; if a user's data makes it fail, each user alone, the ones
         that fail listed in ``failures``."""
         try:
-            return self.evaluate_users(users, fit)
+            return self.evaluate_users(users, fits, spans)
         except ValueError as error:
             if len(users) == 1:
                 failures[users[0].user_id] = f"{type(error).__name__}: {error}"
                 return {}
         records: dict[str, UserRecord] = {}
         for user in users:
-            records.update(self._evaluate_isolated([user], fit, failures))
+            records.update(self._evaluate_isolated([user], fits, spans, failures))
         return records
 
     # ------------------------------------------------------------------ whole run
@@ -462,21 +631,24 @@ class Experiment:
             todo = [u for u in self.users if u.user_id not in records]
             failures = dict(self.skipped)
             if todo:
-                fit = self.fit()
-                failures.update(fit.failures)
-                fitted = [user for user in todo if user.user_id in fit.users]
+                fits = self.fit()
+                for fit in fits.values():
+                    failures.update(fit.failures)
+                fitted = [u for u in todo if all(u.user_id in f.users for f in fits.values())]
+                spans = distinct_spans(self.users)  # fit histories only, fixed before scoring
                 write_name_index(self.out, self.names)
                 size = self.users_per_batch
                 bar = tqdm(total=len(fitted), desc="evaluating users", disable=not self.progress)
                 with bar:
                     for start in range(0, len(fitted), size):
-                        group = self._evaluate_isolated(fitted[start : start + size], fit, failures)
+                        chunk = fitted[start : start + size]
+                        group = self._evaluate_isolated(chunk, fits, spans, failures)
                         for user_id, record in group.items():
                             write_text(
                                 self.user_file(user_id), json.dumps(record.to_json(), indent=1)
                             )
                         records.update(group)
-                        bar.update(len(fitted[start : start + size]))
+                        bar.update(len(chunk))
             evaluated = [records[u.user_id] for u in self.users if u.user_id in records]
             if not evaluated:
                 reasons = "; ".join(f"{uid}: {why}" for uid, why in list(failures.items())[:5])
@@ -491,44 +663,82 @@ class Experiment:
         return metrics
 
 
+def paired_users(records: Sequence[UserRecord], a: str, b: str, metric: Metric) -> list[UserItems]:
+    """Per user with both methods, the per-item differences (positive = ``a`` better) and
+    weights (``a``'s token counts) over the items where both have a value."""
+    sign = 1.0 if metric in NLL_METRICS else -1.0
+    users = []
+    for record in records:
+        first, second = record.items.get(a, {}).get(metric), record.items.get(b, {}).get(metric)
+        if first is None or second is None:
+            continue
+        pairs = [
+            (sign * (y - x), w)
+            for x, y, w in zip(first.values, second.values, first.weights, strict=True)
+            if x is not None and y is not None and w > 0
+        ]
+        if pairs:
+            users.append(
+                UserItems(np.array([d for d, _ in pairs]), np.array([w for _, w in pairs]))
+            )
+    return users
+
+
 def aggregate(
     records: Sequence[UserRecord],
     config: dict[str, Any],
     failures: dict[str, str],
     skipped_items: dict[str, list[str]] | None = None,
+    n_boot: int = 2000,
 ) -> RunMetrics:
-    """Macro-average every method over users and compute the paired statistics."""
-    scores = [{m: s.as_dict() for m, s in record.scores.items()} for record in records]
-    methods: dict[str, dict[str, float | None]] = {}
+    """Means over users per method, every comparison of :data:`COMPARISONS` with its two-level
+    bootstrap CI, Wilcoxon p and Holm-adjusted p over the whole family, and the generation
+    sanity check."""
+    seed = int(config.get("seed", 0))
+    methods: dict[str, dict[Metric, float | None]] = {}
     for method in ALL_METHODS:
-        present = [r[method] for r in scores if method in r]
+        present = [r.scores[method] for r in records if method in r.items]
         if not present:
             continue
-        keys = sorted({k for entry in present for k in entry})
-        methods[method] = {k: _mean([entry.get(k) for entry in present]) for k in keys}
-
-    def paired(a: str, b: str, metric: str) -> PairedStats | None:
-        pairs = [
-            (r[a][metric], r[b][metric])
-            for r in scores
-            if a in r and b in r and r[a].get(metric) is not None and r[b].get(metric) is not None
-        ]
-        if not pairs:
-            return None
-        return paired_stats([x - y for x, y in pairs])
-
-    stats = RunStats(
-        personalization_margin={
-            mode: {m: paired(f"{mode}_other", mode, m) for m in ("nll", "nll_pref")}
-            for mode in ("baseline", "steerx")
-        },
-        gain_over={
-            reference: {
-                mode: {m: paired(reference, mode, m) for m in ("nll", "nll_pref")}
-                for mode in ("baseline", "steerx", "shared", "history_prompt")
-                if mode != reference
-            }
-            for reference in ("none", "shared", "baseline")
-        },
+        metrics = [m for m in (*NLL_METRICS, *GENERATION_METRICS) if any(m in p for p in present)]
+        summary: dict[str, Any] = {}
+        for metric in metrics:
+            values = [p[metric] for p in present if p.get(metric) is not None]
+            summary[metric] = float(np.mean(values)) if values else None
+            summary[f"n_users_{metric}"] = len(values)
+        norms = [r.steering_norm[method] for r in records if method in r.steering_norm]
+        if norms:
+            summary["steering_norm"] = float(np.mean(norms))
+        methods[method] = summary
+    comparisons = []
+    for a, b in COMPARISONS:
+        for metric in COMPARED_METRICS:
+            users = paired_users(records, a, b, metric)
+            if users:
+                comparisons.append(compare(a, b, metric, users, n_boot=n_boot, seed=seed))
+    comparisons = adjust(comparisons)
+    primary = next(
+        (
+            {k: v for k, v in c.as_dict().items() if k != "n_positive"}
+            for c in comparisons
+            if (c.a, c.b, c.metric) == PRIMARY
+        ),
+        None,
     )
-    return RunMetrics(config, methods, list(records), stats, failures, dict(skipped_items or {}))
+    check = None
+    if "history_prompt" in methods and "rougeL" in methods["history_prompt"]:
+        ok, message = generation_informative(
+            {m: methods[m].get("rougeL") for m in ("none", "history_prompt")},
+            config.get("data"),
+        )
+        check = {"informative": ok, "message": message}
+    return RunMetrics(
+        config,
+        methods,
+        list(records),
+        [c.as_dict() for c in comparisons],
+        primary,
+        check,
+        failures,
+        dict(skipped_items or {}),
+    )

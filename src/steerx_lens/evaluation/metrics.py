@@ -1,18 +1,19 @@
-"""Evaluation on users' held-out text: NLL (all and preference-bearing tokens), generation
-metrics, the controls that tell personalization from a generic shift, and paired statistics.
+"""The measurements of an evaluation: per-token NLL of held-out text under steering, the
+estimator-defined preference masks, and per-item generation scores.
 
-Methods, always compared in the same run:
+Methods, always compared in the same run (:data:`ALL_METHODS`):
 
-- ``none``: no steering; ``history_prompt``: the user's history in the prompt, no steering;
+- ``none``: no steering; ``history_prompt``: the user's fit history in the prompt;
+  ``description_prompt``: the user's description in the prompt (system text), no steering;
 - ``baseline``: the user's all-history vector; ``steerx``: the user's SteerX vector;
-- ``shared``: the population-mean vector (the same for every user);
+- ``shared``: the mean of the *other* users' baselines (leave-one-out);
+- ``decomposed_baseline``: shared + SteerX's personal norm along unit(baseline − shared);
+- ``random_swap``: SteerX's construction with the same number of swapped tokens at random
+  positions;
 - ``baseline_other`` / ``steerx_other``: the user's held-out text under *other* users' vectors
-  of that mode, averaged over those users.
+  of that mode (NLL: averaged over all other users; generation: one other user, drawn per user).
 
-``nll_pref`` is the NLL on the held-out tokens whose patch-CE under the user's own history,
-against other users' context, exceeds :data:`PREF_THRESHOLD` nats: the preference-bearing tokens
-where a personal vector should help. The personalization margin of a mode is
-``NLL(X_other) − NLL(X)`` (positive = the user's own vector fits the user better).
+Which tokens each NLL metric counts is :mod:`steerx_lens.evaluation.masks`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -29,22 +29,27 @@ from steerx_lens import hooks
 from steerx_lens.attribution import DEFAULT_CONFIG, AttributionConfig, token_effects
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import HistoryItem, UserHistory
-from steerx_lens.evaluation.results import GenerationScores, PairedStats
+from steerx_lens.evaluation.results import GenerationScores
 from steerx_lens.text import EncodedText, encode_item, pad_batch
 from steerx_lens.vectors import SteeringVector
 
 PREF_THRESHOLD = 1.0
-STEERED_METHODS = ("baseline", "steerx", "shared")
+PROMPTED_METHODS = ("history_prompt", "description_prompt")
+OTHER_METHODS = {"baseline_other": "baseline", "steerx_other": "steerx"}
 ALL_METHODS = (
     "none",
+    "shared",
     "baseline",
     "steerx",
+    "decomposed_baseline",
+    "random_swap",
     "history_prompt",
-    "shared",
+    "description_prompt",
     "baseline_other",
     "steerx_other",
 )
-GENERATION_METHODS = ("none", "baseline", "steerx", "history_prompt", "shared")
+DESCRIPTION_SYSTEM_TEMPLATE = "Write as this user writes. {description}"
+"""The system text of ``description_prompt``."""
 
 
 def encode_for_eval(
@@ -113,45 +118,32 @@ def preference_masks(
 
 
 def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> GenerationScores:
-    """Mean ROUGE-1 / ROUGE-L F1 (``rouge-score``) and corpus BLEU (``sacrebleu``), in [0, 100]."""
+    """Mean ROUGE-1 / ROUGE-L F1 over items and corpus BLEU (``sacrebleu``), in [0, 100]."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
-    rouge1, rouge_l = [], []
-    for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score(reference, prediction)
-        rouge1.append(scores["rouge1"].fmeasure)
-        rouge_l.append(scores["rougeL"].fmeasure)
+    items = item_generation_scores(predictions, references)
     bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
     return GenerationScores(
-        rouge1=100.0 * float(np.mean(rouge1)),
-        rougeL=100.0 * float(np.mean(rouge_l)),
+        rouge1=sum(items["rouge1"]) / len(items["rouge1"]),
+        rougeL=sum(items["rougeL"]) / len(items["rougeL"]),
         bleu=float(bleu),
     )
 
 
-# ------------------------------------------------------------------------------ statistics
+def item_generation_scores(
+    predictions: Sequence[str], references: Sequence[str]
+) -> dict[str, list[float]]:
+    """Per item: ROUGE-1 / ROUGE-L F1 (``rouge-score``, stemmed) and sentence BLEU
+    (``sacrebleu``), in [0, 100]. Per-item values so that the paired statistics can resample
+    items; a user's value is their mean."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
 
-
-def paired_stats(differences: Sequence[float], n_boot: int = 5000, seed: int = 0) -> PairedStats:
-    """Mean of per-user differences, a percentile bootstrap 95% CI and a Wilcoxon signed-rank p."""
-    from scipy.stats import wilcoxon
-
-    values = np.asarray(differences, dtype=float)
-    if values.size == 0:
-        raise ValueError("no paired differences")
-    rng = np.random.default_rng(seed)
-    boots = rng.choice(values, size=(n_boot, values.size), replace=True).mean(axis=1)
-    low, high = np.percentile(boots, [2.5, 97.5])
-    p_value = None
-    if values.size >= 2 and np.any(values != 0):
-        p_value = float(wilcoxon(values).pvalue)
-    return PairedStats(
-        float(values.mean()),
-        float(low),
-        float(high),
-        p_value,
-        int(values.size),
-        int((values > 0).sum()),
-    )
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scores: dict[str, list[float]] = {"rouge1": [], "rougeL": [], "bleu": []}
+    for prediction, reference in zip(predictions, references, strict=True):
+        rouge = scorer.score(reference, prediction)
+        scores["rouge1"].append(100.0 * rouge["rouge1"].fmeasure)
+        scores["rougeL"].append(100.0 * rouge["rougeL"].fmeasure)
+        scores["bleu"].append(float(sacrebleu.sentence_bleu(prediction, [reference]).score))
+    return scores

@@ -4,51 +4,62 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from steerx_lens.atomic import write_text
-from steerx_lens.evaluation.results import PairedStats, RunMetrics
+from steerx_lens.evaluation.results import RunMetrics
 from steerx_lens.figures import new_figure, save_png
 from steerx_lens.runs import user_file_names
 
 METHOD_NOTES = {
     "none": "no steering",
-    "history_prompt": "the user's recent history in the prompt, no steering",
+    "shared": "mean of the *other* users' all-history vectors (generic-shift control)",
     "baseline": "the user's all-history vector (classic steering)",
-    "steerx": "the user's SteerX vector (shared + personal minimal-pair part)",
-    "shared": "one population-mean vector for every user (generic-shift control)",
+    "steerx": "the user's SteerX vector (leave-one-out shared + personal minimal-pair part)",
+    "decomposed_baseline": "shared + SteerX's personal norm along (baseline − shared)",
+    "random_swap": "SteerX with the same number of swapped tokens at random positions",
+    "history_prompt": "the user's recent fit history in the prompt, no steering",
+    "description_prompt": "the user's description in the prompt, no steering",
     "baseline_other": "other users' all-history vectors (personalization control)",
     "steerx_other": "other users' SteerX vectors (personalization control)",
 }
+TABLE_METRICS = ("nll", "nll_distinct", "nll_marker", "nll_pref", "rougeL", "bleu")
+ALPHA_LEVEL = 0.05
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _stat_row(name: str, stat: PairedStats | None) -> str:
-    if stat is None:
-        return f"| {name} | – | – | – | – |"
-    p = "–" if stat.wilcoxon_p is None else f"{stat.wilcoxon_p:.3g}"
+def _p(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def comparison_row(c: Mapping[str, Any]) -> str:
+    """One Markdown row: a vs b, metric, mean [CI], p, Holm p, users positive."""
+    low, high = c["ci95"]
+    survives = c["p_holm"] is not None and c["p_holm"] < ALPHA_LEVEL
     return (
-        f"| {name} | {stat.mean:+.4f} | [{stat.ci_low:+.4f}, {stat.ci_high:+.4f}] | {p} | "
-        f"{stat.n_positive}/{stat.n} |"
+        f"| {c['a']} vs {c['b']} | {c['metric']} | {c['mean']:+.4f} | [{low:+.4f}, {high:+.4f}] "
+        f"| {_p(c['wilcoxon_p'])} | {_p(c['p_holm'])}{' ✓' if survives else ''} "
+        f"| {c.get('n_positive', '–')}/{c['n_users']} |"
     )
 
 
 def plot_methods(metrics: RunMetrics, path: Path) -> Path:
-    """Bar chart of mean NLL and preference-token NLL per method."""
+    """Bar chart of mean NLL (all tokens and distinctive tokens) per method."""
     methods = [m for m in METHOD_NOTES if m in metrics.methods]
-    figure = new_figure(11, 3.8)
+    figure = new_figure(12, 4.0)
     axes = figure.subplots(1, 2)
     for axis, key, title in (
         (axes[0], "nll", "held-out NLL, all tokens"),
-        (axes[1], "nll_pref", "held-out NLL, preference-bearing tokens"),
+        (axes[1], "nll_distinct", "held-out NLL, user-distinctive tokens"),
     ):
         values = [metrics.methods[m].get(key) for m in methods]
         shown = [(m, v) for m, v in zip(methods, values, strict=True) if v is not None]
         axis.bar([m for m, _ in shown], [v for _, v in shown], color="#4C72B0")
-        axis.set_title(title + " (lower is better)")
-        axis.tick_params(axis="x", rotation=35)
+        axis.set_title(title + " (lower is better)", fontsize=9)
+        axis.tick_params(axis="x", rotation=45, labelsize=7)
         if shown:
             low = min(v for _, v in shown)
             axis.set_ylim(low * 0.95, max(v for _, v in shown) * 1.02)
@@ -63,12 +74,11 @@ def plot_margins(metrics: RunMetrics, path: Path) -> Path:
     axis = figure.subplots()
     width = 0.38
     for offset, mode in ((-width / 2, "baseline"), (width / 2, "steerx")):
-        margins = [
-            (u.scores[f"{mode}_other"].nll - u.scores[mode].nll)  # type: ignore[operator]
-            if f"{mode}_other" in u.scores
-            else 0.0
-            for u in users
-        ]
+        margins = []
+        for user in users:
+            scores = user.scores
+            own, other = scores.get(mode, {}).get("nll"), scores.get(f"{mode}_other", {}).get("nll")
+            margins.append(other - own if own is not None and other is not None else 0.0)
         axis.bar([i + offset for i in range(len(users))], margins, width, label=mode)
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(
@@ -87,7 +97,8 @@ def write_report(
     names: Mapping[str, str] | None = None,
     notes: Sequence[str] = (),
 ) -> Path:
-    """Write ``report.md`` (tables, paired statistics, descriptions, links) and its plots.
+    """Write ``report.md`` (primary comparison, method table, every comparison with its
+    Holm-adjusted p, the generation check, users) and its plots.
 
     ``names`` maps user ids to their file names (default: :func:`user_file_names` of the
     evaluated users); ``notes`` are lines about the run itself (e.g. how many users were
@@ -98,72 +109,99 @@ def write_report(
     plot_methods(metrics, out / "methods.png")
     plot_margins(metrics, out / "margins.png")
     config = metrics.config
+    cells = ", ".join(
+        f"{m} L{c['layer']} α{c['alpha']:g}" + (f" r{c['r']:g}" if "r" in c else "")
+        for m, c in config.get("cells", {}).items()
+    )
     lines = [
         "# SteerX evaluation report",
         "",
-        f"Data: `{config.get('data', '?')}`, {len(metrics.per_user)} users, site "
-        f"`blocks.{config['layer']}.{config['site_kind']}`, backbone `{config['backbone']}`, "
-        f"alpha {config['alpha']}, r {config['r']}.",
+        f"Data: `{config.get('data', '?')}`, {len(metrics.per_user)} users, backbone "
+        f"`{config['backbone']}`, site kind `{config['site_kind']}`. Cells: {cells}.",
         "",
         *(f"- {note}" for note in notes),
         *([""] if notes else []),
-        "Each user's held-out texts are scored under every method. **NLL** is the mean "
-        "negative log-likelihood per token of the user's real text (nats, lower is better). "
-        "**NLL pref** counts only the *preference-bearing* tokens: those whose probability "
-        "rises by more than 1 nat when the model sees this user's own history instead of other "
-        "users' (activation patching). ROUGE/BLEU compare greedy generations with the user's text.",
+    ]
+    primary = metrics.primary
+    if primary is not None:
+        low, high = primary["ci95"]
+        verdict = (
+            "survives the Holm correction"
+            if primary["p_holm"] is not None and primary["p_holm"] < ALPHA_LEVEL
+            else "does not survive the Holm correction"
+        )
+        lines += [
+            "## Primary comparison",
+            "",
+            f"SteerX vs the all-history baseline, all-token held-out NLL, paired over "
+            f"{primary['n_users']} users: NLL(baseline) − NLL(SteerX) = **{primary['mean']:+.4f}** "
+            f"nats/token (95% CI [{low:+.4f}, {high:+.4f}], two-level bootstrap), Wilcoxon p "
+            f"{_p(primary['wilcoxon_p'])}, Holm-adjusted p {_p(primary['p_holm'])}: it {verdict}.",
+            "",
+        ]
+    lines += [
+        "## Methods",
         "",
-        "| method | what it is | NLL | NLL pref | ROUGE-1 | ROUGE-L | BLEU |",
-        "|---|---|---|---|---|---|---|",
+        "Means over users. **nll**: all held-out tokens (nats/token, lower is better). "
+        "**nll_distinct**: tokens of words/bigrams distinctive of the user's fit history by a "
+        "model-free log-odds statistic. **nll_marker**: planted markers (synthetic users). "
+        "**nll_pref**: tokens the patching estimator marks (estimator-defined, secondary: the "
+        "same estimator selects SteerX's tokens). ROUGE-L/BLEU: generations for the task "
+        "prompts, echo excluded. `norm`: ‖α·v‖ / median residual norm.",
+        "",
+        "| method | what it is | " + " | ".join(TABLE_METRICS) + " | norm |",
+        "|---|---|" + "---|" * (len(TABLE_METRICS) + 1),
     ]
     for method, note in METHOD_NOTES.items():
         values = metrics.methods.get(method)
         if values is None:
             continue
-        lines.append(
-            f"| `{method}` | {note} | {_fmt(values.get('nll'))} | {_fmt(values.get('nll_pref'))} | "
-            f"{_fmt(values.get('rouge1'), 1)} | {_fmt(values.get('rougeL'), 1)} | {_fmt(values.get('bleu'), 1)} |"
+        cells_text = " | ".join(
+            _fmt(values.get(m), 3 if m.startswith("nll") else 1) for m in TABLE_METRICS
         )
+        lines.append(
+            f"| `{method}` | {note} | {cells_text} | {_fmt(values.get('steering_norm'))} |"
+        )
+    check = metrics.generation_check
+    if check is not None:
+        lines += ["", f"Generation check: {check['message']}."]
     lines += [
         "",
         "![NLL per method](methods.png)",
         "",
-        "## Paired statistics over users",
+        "## Paired comparisons over users",
         "",
-        "Differences are computed per user, then averaged; 95% CI by bootstrap over users; p from "
-        "the Wilcoxon signed-rank test. Positive = the second method is better (lower NLL).",
+        "Mean over users of per-user differences, positive = the first method is better. 95% CI "
+        "from a two-level bootstrap (users, then items within users); p from the Wilcoxon "
+        "signed-rank test over users; Holm-adjusted over every comparison in this table "
+        f"(✓: Holm p < {ALPHA_LEVEL}).",
         "",
-        "| comparison | mean | 95% CI | Wilcoxon p | users positive |",
-        "|---|---|---|---|---|",
+        "| comparison | metric | mean | 95% CI | Wilcoxon p | Holm p | users positive |",
+        "|---|---|---|---|---|---|---|",
+        *(comparison_row(c) for c in metrics.comparisons),
+        "",
+        "![Personalization margin per user](margins.png)",
+        "",
+        "## Users",
+        "",
     ]
-    stats = metrics.stats
-    for mode in ("baseline", "steerx"):
-        for metric in ("nll", "nll_pref"):
-            lines.append(
-                _stat_row(
-                    f"personalization margin, {mode}, {metric}",
-                    stats.personalization_margin[mode][metric],
-                )
-            )
-    for reference in ("none", "shared", "baseline"):
-        for mode, by_metric in stats.gain_over[reference].items():
-            for metric in ("nll", "nll_pref"):
-                lines.append(_stat_row(f"{mode} vs {reference}, {metric}", by_metric[metric]))
-    lines += ["", "![Personalization margin per user](margins.png)", "", "## Users", ""]
     for user in metrics.per_user:
         spans = ", ".join(f"“{s.text.strip()}”" for s in user.top_spans[:6]) or "none"
         name = names[user.user_id]
-        nll = {method: scores.nll for method, scores in user.scores.items()}
+        nll = {method: scores.get("nll") for method, scores in user.scores.items()}
+        masks = ", ".join(f"{m} {n}" for m, n in user.mask_tokens.items())
         lines += [
             f"### {user.user_id}",
             "",
             f"- Description: {user.description}",
             f"- Top preference spans: {spans}",
-            f"- Preference-bearing held-out tokens: {user.n_pref_tokens} of {user.n_heldout_tokens}; "
-            f"tokens swapped in minimal pairs: {user.n_swapped_tokens}"
+            f"- Held-out tokens: {user.n_heldout_tokens} ({masks}); tokens swapped in minimal "
+            f"pairs: {user.n_swapped_tokens}"
             + (" (no personal component: SteerX = shared vector)" if user.steerx_fallback else ""),
-            f"- NLL none / shared / baseline / SteerX: {_fmt(nll['none'])} / "
-            f"{_fmt(nll['shared'])} / {_fmt(nll['baseline'])} / {_fmt(nll['steerx'])}",
+            "- NLL "
+            + " / ".join(
+                f"{m} {_fmt(nll.get(m))}" for m in ("none", "shared", "baseline", "steerx")
+            ),
             f"- [Token attribution view](attribution/{name}.html)",
             "",
         ]

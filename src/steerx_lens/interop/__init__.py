@@ -10,6 +10,10 @@ position and give the strength where the vector is applied (``multiplier``, ``co
 (``positions="all"``; ``alpha`` is that strength). The other libraries are imported only when a
 conversion needs them (see "Bring your vectors" in the docs for how to install them). A vector that cannot be
 converted as asked raises :class:`InteropError` with a message that says what to do.
+
+Several layers travel together: every import gives one vector per layer (wrap them in a
+:class:`~steerx_lens.vectors.SteeringVectorSet` to apply, save and load them as one), and every
+export takes a list of vectors or a ``SteeringVectorSet``; round trips stay bit-exact.
 """
 
 from steerx_lens.interop._common import InteropError, as_steers
