@@ -49,7 +49,10 @@ DATASETS = {
     "stackexchange": ("stackexchange_beer", "stackexchange", 6),
     "synthetic": ("synthetic", "synthetic", 6),
 }
-STYLE = "Here are previous texts by this user:\n{history}\n\nWrite in the same style as these texts. {task}"
+STYLE = (
+    "Here are previous texts by this user:\n{history}\n\n"
+    "Write in the same style as these texts. {task}"
+)
 FRAMINGS: dict[str, dict[str, gp.Task]] = {
     "default": {},
     # alternatives tried on the validation items (see docs/generation.md)

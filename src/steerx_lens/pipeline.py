@@ -52,6 +52,7 @@ from steerx_lens.backbones import Backbone, Sample, get_backbone
 from steerx_lens.backbones.mean_diff import Pool, model_answers, residual_norm
 from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
+from steerx_lens.constructions import check_construction, get_construction
 from steerx_lens.data import HistoryItem, UserHistory, read_users, save_users
 from steerx_lens.describe import LLMDescriber, TemplateDescriber, describe
 from steerx_lens.errors import SteerXError
@@ -87,6 +88,8 @@ class SteerXConfig:
     sae_k: int = 32
     bipo_steps: int = 40
     seed: int = 0
+    construction: str = "minimal_pairs"
+    strength: Literal["fixed", "reliability"] = "fixed"
 
     @property
     def site(self) -> str:
@@ -168,8 +171,10 @@ class UserSteering:
         return replace(self.steerx, vector=vector, alpha=alpha, extra={**self.steerx.extra, "r": r})
 
     def personal_norm(self, r: float, norm: float) -> float:
-        """The norm of SteerX's personal part at ``alpha = 1``: ``r·‖h‖``, 0 without pairs."""
-        return 0.0 if self.personal_direction is None else r * norm
+        """The norm of SteerX's personal part at ``alpha = 1``: ``r·‖h‖`` times the direction's
+        norm (1, or the user's reliability weight), 0 without a personal direction."""
+        direction = self.personal_direction
+        return 0.0 if direction is None else r * norm * float(direction.norm())
 
     def decomposed_at(
         self, shared: SteeringVector, r: float, norm: float, alpha: float = 1.0
@@ -287,6 +292,11 @@ class SteerX:
             )
         self.adapter.resolve(self.config.site)
         self.backbone: Backbone = get_backbone(self.config.backbone)
+        check_construction(self.config.construction, self.config.backbone)
+        if self.config.strength not in ("fixed", "reliability"):
+            raise SteerXError(
+                f"strength must be 'fixed' or 'reliability', got {self.config.strength!r}"
+            )
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.sae = sae
         self.progress = progress
@@ -459,8 +469,27 @@ class SteerX:
         """The unit minimal-pair component v̂ at ``site`` (None when there is no pair)."""
         if not pairs.originals:
             return None
-        component = self.contrast(pairs.originals, pairs.twins, site)
-        return (component / component.norm()).detach().float().cpu()
+        return _unit(self.contrast(pairs.originals, pairs.twins, site))
+
+    def personal_component(
+        self, evidence: UserEvidence, population: Population, site: str
+    ) -> Float[Tensor, " d_model"] | None:
+        """The raw personal component of the config's construction
+        (:data:`steerx_lens.constructions.CONSTRUCTIONS`), None without evidence."""
+        return get_construction(self.config.construction)(self, evidence, population, site)
+
+    def reliability(self, evidence: UserEvidence, population: Population, site: str) -> float:
+        """Split-half reliability of the personal direction, in [0, 1]: the cosine ``c``
+        between the components built from the user's odd and even items (pairs for
+        ``minimal_pairs``), Spearman-Brown corrected to the whole set, ``2c / (1 + c)``,
+        0 when ``c <= 0`` or a half has no evidence. A user whose items disagree on the
+        direction gets a small weight, and no evidence gives the shared vector alone."""
+        halves = [self.personal_component(half, population, site) for half in _halves(evidence)]
+        if any(h is None or float(h.norm()) == 0.0 for h in halves):
+            return 0.0
+        first, second = (_unit(h) for h in halves)  # type: ignore[arg-type]
+        cosine = float(first @ second)
+        return 0.0 if cosine <= 0 else 2 * cosine / (1 + cosine)
 
     def _steerx_vector(
         self,
@@ -511,8 +540,14 @@ class SteerX:
             evidence.user, population.site, evidence.negatives
         )
         site = population.site
-        direction = self.personal_direction(evidence.pairs, site)
+        component = self.personal_component(evidence, population, site)
+        direction = None if component is None else _unit(component)
         random_direction = self.personal_direction(self.random_swap_pairs(evidence), site)
+        if self.config.strength == "reliability" and direction is not None:
+            weight = self.reliability(evidence, population, site)
+            direction = weight * direction if weight > 0 else None
+            if random_direction is not None:
+                random_direction = weight * random_direction if weight > 0 else None
         return self.assemble(evidence, population, baseline, direction, random_direction)
 
     def assemble(
@@ -600,6 +635,33 @@ class SteerX:
         steer = stacked_steer(vectors, alpha)
         formatted = [build_prompt(self.adapter.tokenizer, prompt) for prompt in prompts]
         return hooks.generate(self.model, formatted, steer, max_new_tokens=max_new_tokens).texts
+
+
+def _unit(vector: Tensor) -> Float[Tensor, " d_model"]:
+    """``vector / ‖vector‖`` as float32 on the CPU."""
+    return (vector / vector.norm()).detach().float().cpu()
+
+
+def _halves(evidence: UserEvidence) -> tuple[UserEvidence, UserEvidence]:
+    """The user's evidence split by item parity: even-indexed and odd-indexed history items
+    (with their negatives and minimal pairs)."""
+    user, pairs = evidence.user, evidence.pairs
+    halves = []
+    for parity in (0, 1):
+        keep = slice(parity, None, 2)
+        halves.append(
+            UserEvidence(
+                replace(user, history=user.history[keep]),
+                evidence.attribution,
+                evidence.negatives[keep],
+                MinimalPairs(
+                    pairs.originals[keep],
+                    pairs.twins[keep],
+                    pairs.n_swapped_tokens,
+                ),
+            )
+        )
+    return halves[0], halves[1]
 
 
 def stacked_steer(vectors: Sequence[SteeringVector], alpha: float | None = None) -> hooks.Steer:

@@ -1,0 +1,189 @@
+"""How SteerX builds a user's *personal* direction: constructions as plain callables.
+
+A construction returns the raw personal component at a site (or None when the user has no
+evidence for it); the pipeline normalises it to the unit direction v̂ and adds ``r·‖h‖·v̂`` to
+the user's leave-one-out shared vector (:func:`steerx_lens.pipeline.steerx_combination`).
+Registered in :data:`CONSTRUCTIONS`; every construction here is this library's
+reconstruction (the paper's abstract states only that token-level causal effects select the
+preference-driven tokens, that these become a description, and that the description steers):
+
+- ``"minimal_pairs"``: the user's texts vs their counterfactual twins, in which the tokens with
+  patch-CE above ``swap_threshold`` are replaced by the model's prediction under other users'
+  context (:func:`steerx_lens.evidence.minimal_pairs`); only the preference-driven tokens
+  separate the two sides;
+- ``"description_contrast"``: the user's own texts read with the user's *description* in the
+  prompt (system text) vs without it, pooled over the response: the description's effect on
+  the model's reading of the user's text (two different descriptions give two different
+  vectors);
+- ``"history_contrast"``: the user's texts read with the user's own other fit items in the
+  prompt vs with a counterfactual user's items (drawn as in attribution), pooled over the
+  response: an in-context vector of what the user's history does;
+- ``"history_description"``: the mean of the two unit directions above (the reading "½ (with
+  history − without) + ½ (with description − without)").
+
+Contrast constructions compare the *same response* under two prompts, which only activation
+backbones can read: they need a backbone that pools activations (``mean_diff``, and ``sae``
+which projects it); ``bipo`` (which scores responses) supports ``minimal_pairs`` only, and the
+others raise a :class:`~steerx_lens.errors.SteerXError` naming what to use.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from steerx_lens.backbones import Sample
+from steerx_lens.data import HistoryItem, UserHistory
+from steerx_lens.errors import SteerXError
+from steerx_lens.text import encode_item, history_block
+
+if TYPE_CHECKING:
+    from steerx_lens.evidence import UserEvidence
+    from steerx_lens.pipeline import Population, SteerX
+
+Construction = Callable[["SteerX", "UserEvidence", "Population", str], Tensor | None]
+DESCRIPTION_SYSTEM_TEMPLATE = "Write as this user writes. {description}"
+"""The system text the description is given in (also the ``description_prompt`` control's)."""
+CONTEXT_BUDGET = 192
+"""Tokens of history block in ``history_contrast`` prompts (the most recent items that fit)."""
+ACTIVATION_BACKBONES = ("mean_diff", "sae")
+
+
+def _require_activation_backbone(pipeline: SteerX, name: str) -> None:
+    if pipeline.config.backbone not in ACTIVATION_BACKBONES:
+        raise SteerXError(
+            f"construction {name!r} compares one response under two prompts and needs an "
+            f"activation backbone ({', '.join(ACTIVATION_BACKBONES)}); backbone "
+            f"{pipeline.config.backbone!r} supports construction 'minimal_pairs'"
+        )
+
+
+def minimal_pairs_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The backbone's vector for the user's texts vs their minimal-pair twins."""
+    pairs = evidence.pairs
+    if not pairs.originals:
+        return None
+    return pipeline.contrast(pairs.originals, pairs.twins, site)
+
+
+def description_contrast_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The user's texts with the description in the prompt vs without it."""
+    _require_activation_backbone(pipeline, "description_contrast")
+    description = evidence.description
+    if not description:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+    system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+    items = evidence.user.history
+    with_description = [
+        Sample(item, encode_item(tokenizer, item, (), system), exact_tokens=True) for item in items
+    ]
+    plain = [Sample(item, encode_item(tokenizer, item), exact_tokens=True) for item in items]
+    return pipeline.contrast(with_description, plain, site)
+
+
+def recent_block(tokenizer: Any, items: Sequence[HistoryItem], budget: int) -> list[HistoryItem]:
+    """The most recent ``items`` (oldest first) whose history block fits ``budget`` tokens."""
+    chosen: list[HistoryItem] = []
+    for item in reversed(items):
+        block = [item, *chosen]
+        if len(tokenizer(history_block(block), add_special_tokens=False)["input_ids"]) > budget:
+            break
+        chosen = block
+    return chosen
+
+
+def counterfactual_users(
+    user: UserHistory, population: Sequence[UserHistory], k: int, seed: int
+) -> list[UserHistory]:
+    """``k`` other users, drawn per user as attribution draws them."""
+    from steerx_lens.attribution.effects import _counterfactual_users
+
+    return _counterfactual_users(user, population, k, seed)
+
+
+def history_contrast_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The user's texts after their own other fit items vs after a counterfactual user's."""
+    _require_activation_backbone(pipeline, "history_contrast")
+    user, config = evidence.user, pipeline.config
+    if len(user.history) < 2:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
+    rng = random.Random(f"{config.seed}:{user.user_id}:history_contrast")
+    own, counterfactual = [], []
+    for index, item in enumerate(user.history):
+        mine = recent_block(
+            tokenizer, user.history[:index] + user.history[index + 1 :], CONTEXT_BUDGET
+        )
+        other = rng.choice(others)
+        theirs = recent_block(tokenizer, other.history, CONTEXT_BUDGET)
+        if not mine or not theirs:
+            continue
+        own.append(Sample(item, encode_item(tokenizer, item, mine), exact_tokens=True))
+        counterfactual.append(Sample(item, encode_item(tokenizer, item, theirs), exact_tokens=True))
+    if not own:
+        return None
+    return pipeline.contrast(own, counterfactual, site)
+
+
+def history_description_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The mean of the unit history and description directions (either alone if the other is
+    missing)."""
+    parts = [
+        part / part.norm()
+        for part in (
+            history_contrast_component(pipeline, evidence, population, site),
+            description_contrast_component(pipeline, evidence, population, site),
+        )
+        if part is not None and float(part.norm()) > 0
+    ]
+    return None if not parts else sum(parts) / len(parts)
+
+
+CONSTRUCTIONS: dict[str, Construction] = {
+    "minimal_pairs": minimal_pairs_component,
+    "description_contrast": description_contrast_component,
+    "history_contrast": history_contrast_component,
+    "history_description": history_description_component,
+}
+"""Personal-direction constructions by name (extend with :func:`register_construction`)."""
+
+
+def register_construction(name: str, construction: Construction) -> None:
+    """Make ``construction`` selectable as ``SteerXConfig(construction=name)``."""
+    CONSTRUCTIONS[name] = construction
+
+
+def check_construction(name: str, backbone: str) -> None:
+    """Fail fast: ``name`` must be registered and, unless it is ``minimal_pairs``, be built with
+    an activation backbone."""
+    get_construction(name)
+    if name != "minimal_pairs" and backbone not in ACTIVATION_BACKBONES:
+        raise SteerXError(
+            f"construction {name!r} compares one response under two prompts and needs an "
+            f"activation backbone ({', '.join(ACTIVATION_BACKBONES)}); backbone {backbone!r} "
+            "supports construction 'minimal_pairs'"
+        )
+
+
+def get_construction(name: str) -> Construction:
+    """The construction registered as ``name`` (a one-line error listing the known ones)."""
+    try:
+        return CONSTRUCTIONS[name]
+    except KeyError:
+        raise SteerXError(
+            f"unknown construction {name!r}; known: {', '.join(CONSTRUCTIONS)}"
+        ) from None

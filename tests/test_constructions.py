@@ -1,0 +1,137 @@
+"""SteerX's personal-direction constructions and evidence-scaled strength (issue 13)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from steerx_lens.data import UserHistory, make_synthetic_users
+from steerx_lens.errors import SteerXError
+from steerx_lens.models import load_tiny_model
+from steerx_lens.pipeline import SteerX, SteerXConfig
+
+CONFIG = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256, swap_threshold=0.0)
+CONTRASTS = ("description_contrast", "history_contrast", "history_description")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    return load_tiny_model("hf")
+
+
+@pytest.fixture(scope="module")
+def users() -> list[UserHistory]:
+    return make_synthetic_users(n_users=3, n_history=6, n_heldout=1, seed=5)
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny: Any, users: list[UserHistory]) -> tuple[Any, Any]:
+    pipeline = SteerX(tiny, CONFIG, progress=False)
+    population = pipeline.build_population(users)
+    return population, pipeline.evidence(users[0], population)
+
+
+@pytest.mark.parametrize(
+    ("construction", "backbone"),
+    [("minimal_pairs", "mean_diff"), ("minimal_pairs", "bipo")]
+    + [(c, "mean_diff") for c in CONTRASTS],
+)
+def test_every_construction_gives_a_finite_direction_of_the_models_width(
+    tiny: Any, users: list[UserHistory], construction: str, backbone: str
+) -> None:
+    config = replace(CONFIG, construction=construction, backbone=backbone, bipo_steps=3)
+    fit = SteerX(tiny, config, progress=False).fit_many(users)
+    for fitted in fit.users.values():
+        assert fitted.personal_direction is not None
+        assert fitted.personal_direction.shape == (64,)
+        assert torch.isfinite(fitted.steerx.vector).all()
+        assert float(fitted.personal_direction.norm()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_contrast_construction_refuses_a_response_scoring_backbone(tiny: Any) -> None:
+    with pytest.raises(SteerXError, match="activation backbone"):
+        SteerX(tiny, replace(CONFIG, construction="history_contrast", backbone="bipo"))
+    with pytest.raises(SteerXError, match="unknown construction"):
+        SteerX(tiny, replace(CONFIG, construction="nope"))
+
+
+@pytest.mark.parametrize("construction", ["description_contrast", "history_description"])
+def test_the_description_drives_the_vector(
+    tiny: Any, prepared: tuple[Any, Any], construction: str
+) -> None:
+    population, evidence = prepared
+    pipeline = SteerX(tiny, replace(CONFIG, construction=construction), progress=False)
+
+    def direction(description: str) -> torch.Tensor:
+        attribution = replace(evidence.attribution, description=description)
+        changed = replace(evidence, attribution=attribution)
+        fitted = pipeline.vectors(changed, population)
+        assert fitted.personal_direction is not None
+        return fitted.personal_direction
+
+    first = direction("Signs off with 'Cheers' and loves the word jolly.")
+    assert torch.equal(first, direction("Signs off with 'Cheers' and loves the word jolly."))
+    other = direction("Writes formal, long sentences about gardening.")
+    assert not torch.allclose(first, other, atol=1e-4)
+
+
+def test_minimal_pairs_do_not_depend_on_the_description(
+    tiny: Any, prepared: tuple[Any, Any]
+) -> None:
+    population, evidence = prepared
+    pipeline = SteerX(tiny, CONFIG, progress=False)
+    a = pipeline.vectors(evidence, population).personal_direction
+    attribution = replace(evidence.attribution, description="something else entirely")
+    b = pipeline.vectors(replace(evidence, attribution=attribution), population).personal_direction
+    assert a is not None and b is not None and torch.equal(a, b)
+
+
+def test_reliability_weights_the_personal_part_and_no_evidence_gives_the_shared_vector(
+    tiny: Any, prepared: tuple[Any, Any]
+) -> None:
+    population, evidence = prepared
+    config = replace(CONFIG, strength="reliability")
+    pipeline = SteerX(tiny, config, progress=False)
+    weight = pipeline.reliability(evidence, population, population.site)
+    assert 0.0 <= weight <= 1.0
+    fitted = pipeline.vectors(evidence, population)
+    if weight > 0:
+        assert fitted.personal_direction is not None
+        assert float(fitted.personal_direction.norm()) == pytest.approx(weight, abs=1e-5)
+        norm = population.residual_norm
+        assert fitted.personal_norm(0.2, norm) == pytest.approx(0.2 * norm * weight, rel=1e-5)
+    # no minimal pair at all: no evidence, the shared vector alone
+    empty = replace(evidence, pairs=replace(evidence.pairs, originals=[], twins=[]))
+    assert pipeline.reliability(empty, population, population.site) == 0.0
+    alone = pipeline.vectors(empty, population)
+    assert alone.personal_direction is None
+    shared = population.shared_for(evidence.user_id).vector
+    assert torch.equal(alone.steerx.vector, shared)
+
+
+def test_reliability_rises_with_the_agreement_between_items(
+    tiny: Any, prepared: tuple[Any, Any]
+) -> None:
+    population, evidence = prepared
+    pipeline = SteerX(tiny, replace(CONFIG, strength="reliability"), progress=False)
+    pairs = evidence.pairs
+    assert len(pairs.originals) >= 2
+
+    def weight(originals: list, twins: list) -> float:
+        changed = replace(evidence, pairs=replace(pairs, originals=originals, twins=twins))
+        return pipeline.reliability(changed, population, population.site)
+
+    twice = [s for s in pairs.originals for _ in range(2)]
+    twins_twice = [s for s in pairs.twins for _ in range(2)]
+    agree = weight(twice, twins_twice)  # odd half = even half: full agreement
+    # the odd half reversed (twin vs original): the halves point in opposite directions
+    flipped_o = [o if i % 2 == 0 else t for i, (o, t) in enumerate(zip(twice, twins_twice, strict=False))]
+    flipped_t = [t if i % 2 == 0 else o for i, (o, t) in enumerate(zip(twice, twins_twice, strict=False))]
+    disagree = weight(flipped_o, flipped_t)
+    actual = weight(pairs.originals, pairs.twins)
+    assert agree == pytest.approx(1.0, abs=1e-5)
+    assert disagree == 0.0
+    assert disagree <= actual <= agree
