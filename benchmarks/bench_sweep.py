@@ -26,7 +26,7 @@ from steerx_lens.evaluation.cells import R_METHODS, STEERED_METHODS  # noqa: E40
 from steerx_lens.evaluation.metrics import encode_for_eval, token_nll  # noqa: E402
 from steerx_lens.models import load_demo_model  # noqa: E402
 from steerx_lens.pipeline import SteerX, SteerXConfig  # noqa: E402
-from steerx_lens.sweep import _cell_vector, split_users  # noqa: E402
+from steerx_lens.sweep import split_users  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,9 @@ def main() -> None:
         for a in alphas
         for r in (rs if m in R_METHODS else [None])
     ]
-    rows = [(uid, _cell_vector(fit, uid, m, a, r)) for m, a, r in cells for uid in fit.users]
+    rows = [
+        (uid, pipeline.method_vector(fit, uid, m, a, r)) for m, a, r in cells for uid in fit.users
+    ]
 
     start = time.perf_counter()
     flat = [t for uid in fit.users for t in texts[uid]]

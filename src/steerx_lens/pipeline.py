@@ -90,6 +90,7 @@ class SteerXConfig:
     seed: int = 0
     construction: str = "minimal_pairs"
     strength: Literal["fixed", "reliability"] = "fixed"
+    anchor: Literal["shared", "baseline"] = "shared"
 
     @property
     def site(self) -> str:
@@ -491,6 +492,37 @@ class SteerX:
         cosine = float(first @ second)
         return 0.0 if cosine <= 0 else 2 * cosine / (1 + cosine)
 
+    def anchor(
+        self, user_id: str, population: Population, baseline: SteeringVector | None = None
+    ) -> SteeringVector:
+        """What SteerX's personal part is added to (``config.anchor``): the user's
+        leave-one-out shared vector, or the user's own all-history baseline."""
+        if self.config.anchor == "baseline":
+            return baseline if baseline is not None else population.baselines[user_id]
+        return population.shared_for(user_id)
+
+    def method_vector(
+        self, fit: FitResult, user_id: str, method: str, alpha: float, r: float | None = None
+    ) -> SteeringVector:
+        """The vector a steered method adds for ``user_id`` in ``fit`` at ``alpha`` (and ``r``,
+        default the config's): ``shared`` (leave-one-out), ``baseline``, ``steerx``, and the
+        controls ``decomposed_baseline`` and ``random_swap``."""
+        population, mine = fit.population, fit.users[user_id]
+        shared, norm = population.shared_for(user_id), population.residual_norm
+        r = self.config.r if r is None else r
+        if method == "shared":
+            return replace(shared, alpha=alpha)
+        if method == "baseline":
+            return replace(mine.baseline, alpha=alpha)
+        anchor = self.anchor(user_id, population, mine.baseline)
+        if method == "steerx":
+            return mine.steerx_at(anchor, r, norm, alpha)
+        if method == "decomposed_baseline":
+            return mine.decomposed_at(shared, r, norm, alpha)
+        if method == "random_swap":
+            return mine.random_swap_at(anchor, r, norm, alpha)
+        raise SteerXError(f"{method!r} adds no vector")
+
     def _steerx_vector(
         self,
         user_id: str,
@@ -502,7 +534,7 @@ class SteerX:
         """The SteerX vector at the population's site (alpha = 1 vector, config's ``r``)."""
         site, r = population.site, self.config.r
         raw = steerx_combination(
-            population.shared_for(user_id).vector,
+            self.anchor(user_id, population).vector,
             direction,
             r=r,
             residual_norm=population.residual_norm,

@@ -63,24 +63,6 @@ def split_users(
     return train, validation
 
 
-def _cell_vector(
-    fit: FitResult, user_id: str, method: str, alpha: float, r: float | None
-) -> SteeringVector:
-    """``method``'s vector for ``user_id`` at this layer with ``alpha`` (and ``r``)."""
-    population, mine = fit.population, fit.users[user_id]
-    shared, norm = population.shared_for(user_id), population.residual_norm
-    if method == "shared":
-        return replace(shared, alpha=alpha)
-    if method == "baseline":
-        return replace(mine.baseline, alpha=alpha)
-    assert r is not None
-    if method == "steerx":
-        return mine.steerx_at(shared, r, norm, alpha)
-    if method == "decomposed_baseline":
-        return mine.decomposed_at(shared, r, norm, alpha)
-    return mine.random_swap_at(shared, r, norm, alpha)
-
-
 def run_sweep(
     model: Any,
     users: Sequence[UserHistory],
@@ -134,7 +116,7 @@ def run_sweep(
             for ai in range(len(alphas))
         ]
         rows = [
-            (uid, _cell_vector(fit, uid, m, alphas[ai], r_axis[m][ri]))
+            (uid, pipeline.method_vector(fit, uid, m, alphas[ai], r_axis[m][ri]))
             for m, ri, ai in cells
             for uid in fitted
         ]
@@ -152,7 +134,7 @@ def run_sweep(
             **({"r": float(r)} if r is not None else {}),
             "validation_nll_change": float(grids[method][ri, li, ai]),
         }
-    flips = _sign_flip_check(fits, best, none, mean_nlls, r_axis)
+    flips = _sign_flip_check(pipeline, fits, best, none, mean_nlls)
     for method, entry in best.items():
         entry["relative_strength"] = flips[method].pop("relative_strength")
     result = {
@@ -174,11 +156,11 @@ def run_sweep(
 
 
 def _sign_flip_check(
+    pipeline: SteerX,
     fits: dict[int, FitResult],
     best: dict[str, dict[str, Any]],
     none: dict[str, float],
     mean_nlls: Any,
-    r_axis: dict[str, list[float | None]],
 ) -> dict[str, dict[str, Any]]:
     """Each method's best cell at ``−alpha`` (and its strength ``‖alpha·v‖ / ‖h‖``, mean over
     users): ``passed`` when the NLL change there is above the one at ``+alpha``."""
@@ -186,7 +168,9 @@ def _sign_flip_check(
     for method, cell in best.items():
         fit = fits[cell["layer"]]
         users = [uid for uid in sorted(none) if uid in fit.users]
-        vectors = [_cell_vector(fit, uid, method, -cell["alpha"], cell.get("r")) for uid in users]
+        vectors = [
+            pipeline.method_vector(fit, uid, method, -cell["alpha"], cell.get("r")) for uid in users
+        ]
         flipped = mean_nlls(list(zip(users, vectors, strict=True)))
         change = float(np.mean([v - none[uid] for v, uid in zip(flipped, users, strict=True)]))
         norm = fit.population.residual_norm

@@ -369,21 +369,7 @@ class Experiment:
     ) -> SteeringVector:
         """The vector ``method`` adds for ``user_id`` at its cell (alpha included)."""
         cell = self.cells[method]
-        fit = fits[cell.layer]
-        population, mine = fit.population, fit.users[user_id]
-        shared, norm = population.shared_for(user_id), population.residual_norm
-        r = cell.r if cell.r is not None else self.pipeline.config.r
-        if method == "shared":
-            return replace(shared, alpha=cell.alpha)
-        if method == "baseline":
-            return replace(mine.baseline, alpha=cell.alpha)
-        if method == "steerx":
-            return mine.steerx_at(shared, r, norm, cell.alpha)
-        if method == "decomposed_baseline":
-            return mine.decomposed_at(shared, r, norm, cell.alpha)
-        if method == "random_swap":
-            return mine.random_swap_at(shared, r, norm, cell.alpha)
-        raise ValueError(f"{method!r} adds no vector")
+        return self.pipeline.method_vector(fits[cell.layer], user_id, method, cell.alpha, cell.r)
 
     def _steering_norm(self, vector: SteeringVector, fits: Mapping[int, FitResult]) -> float:
         """``‖alpha·v‖ / ‖h‖`` at the vector's layer."""
