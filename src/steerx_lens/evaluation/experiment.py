@@ -161,6 +161,7 @@ class Experiment:
         users_per_batch: int = 8,
         cells: Mapping[str, Cell] | None = None,
         n_validation: int = DEFAULT_N_VALIDATION,
+        max_other_users: int = 5,
     ) -> None:
         if users_per_batch < 1:
             raise ValueError(f"users_per_batch must be >= 1, got {users_per_batch}")
@@ -182,6 +183,9 @@ class Experiment:
         self.progress = progress
         self.users_per_batch = users_per_batch  # not in the config: results do not depend on it
         self.n_validation = n_validation
+        if max_other_users < 1:
+            raise ValueError(f"max_other_users must be >= 1, got {max_other_users}")
+        self.max_other_users = max_other_users
         self.names = user_file_names([user.user_id for user in users])
         self.skipped_items: dict[str, list[str]] = {}
         self.skipped: dict[str, str] = {}
@@ -199,6 +203,7 @@ class Experiment:
             **asdict(base),
             "cells": {method: cell.to_json() for method, cell in self.cells.items()},
             "n_validation": n_validation,
+            "max_other_users": max_other_users,
             "generate": generate,
             "max_new_tokens": max_new_tokens,
             "users": [u.user_id for u in self.users],
@@ -376,6 +381,15 @@ class Experiment:
         norm = fits[vector.layer].population.residual_norm if vector.layer is not None else 0.0
         return abs(vector.alpha) * vector.norm() / norm if norm else float("nan")
 
+    def other_users(self, user_id: str, candidates: Sequence[str]) -> list[str]:
+        """The other users whose vectors the ``*_other`` NLL controls average over: all of them,
+        or ``max_other_users`` drawn per user (seeded by the seed and the user's id)."""
+        others = sorted(uid for uid in candidates if uid != user_id)
+        if len(others) <= self.max_other_users:
+            return others
+        rng = random.Random(f"{self.pipeline.config.seed}:{user_id}:others")
+        return sorted(rng.sample(others, self.max_other_users))
+
     def _other_user(self, user_id: str, candidates: Sequence[str]) -> str:
         """The one other user whose vectors the ``*_other`` generation controls use (seeded
         by the seed and the user's id)."""
@@ -407,10 +421,9 @@ class Experiment:
                 described = [encode_item(tokenizer, item, (), system) for item in user.heldout]
                 requests[uid, "description_prompt", None] = (described, [None] * n)
             for control, mode in OTHER_METHODS.items():
-                for other_id in fitted_ids:
-                    if other_id != uid:
-                        vector = self.method_vector(other_id, mode, fits)
-                        requests[uid, control, other_id] = (plain, [vector] * n)
+                for other_id in self.other_users(uid, fitted_ids):
+                    vector = self.method_vector(other_id, mode, fits)
+                    requests[uid, control, other_id] = (plain, [vector] * n)
         return requests
 
     def _description(self, user_id: str, fits: Mapping[int, FitResult]) -> str | None:
@@ -540,7 +553,7 @@ class Experiment:
             methods = [m for m in ALL_METHODS if (uid, m, None) in nlls or m in OTHER_METHODS]
             for method in methods:
                 if method in OTHER_METHODS:
-                    others = [o for o in fitted_ids if o != uid]
+                    others = self.other_users(uid, fitted_ids)
                     if not others:
                         continue
                     per_metric = {

@@ -11,7 +11,8 @@ Methods, always compared in the same run (:data:`ALL_METHODS`):
 - ``random_swap``: SteerX's construction with the same number of swapped tokens at random
   positions;
 - ``baseline_other`` / ``steerx_other``: the user's held-out text under *other* users' vectors
-  of that mode (NLL: averaged over all other users; generation: one other user, drawn per user).
+  of that mode (NLL: averaged over up to ``max_other_users`` other users, 5 by default,
+  drawn per user; generation: one other user, drawn per user).
 
 Which tokens each NLL metric counts is :mod:`steerx_lens.evaluation.masks`.
 """
