@@ -365,7 +365,12 @@ def attribute(
 
 
 def pipeline_config(
-    layer: int | None, alpha: float, backbone: str, describer: str, r: float | None = None
+    layer: int | None,
+    alpha: float,
+    backbone: str,
+    describer: str,
+    r: float | None = None,
+    max_context_tokens: int | None = None,
 ) -> Any:
     """A :class:`SteerXConfig` from CLI options (unset options keep the documented defaults)."""
     from steerx_lens.pipeline import SteerXConfig
@@ -378,7 +383,15 @@ def pipeline_config(
     }
     if r is not None:
         changes["r"] = r
+    if max_context_tokens is not None:
+        changes["max_context_tokens"] = max_context_tokens
     return SteerXConfig(**changes)
+
+
+ContextOption = Annotated[
+    int | None,
+    typer.Option(min=64, help="token budget of attribution contexts and prompts (default 512)"),
+]
 
 
 def read_best(path: Path) -> dict[str, Any]:
@@ -521,6 +534,7 @@ def evaluate(
     n_validation: Annotated[
         int, typer.Option(min=0, help="validation items per user (kept out of fitting)")
     ] = 2,
+    max_context_tokens: ContextOption = None,
     tiny: TinyOption = False,
 ) -> None:
     """The SteerX experiment: fit, evaluate every method on held-out text, write the report."""
@@ -530,7 +544,7 @@ def evaluate(
     from steerx_lens.evaluation.experiment import Experiment
 
     check_model_options(backend, remote, model_source)
-    config = pipeline_config(layer, alpha, backbone, describer, r)
+    config = pipeline_config(layer, alpha, backbone, describer, r, max_context_tokens)
     cells = read_best(best) if best else None
     population = load_users(data, n_users=users)
     if max_history is not None:
@@ -591,6 +605,7 @@ def sweep(
         str, typer.Option(help="comma list of SteerX personal strengths r (>= 0)", callback=_rs)
     ] = "0.05,0.1,0.15,0.2",
     n_validation: Annotated[int, typer.Option(min=1, help="validation items per user")] = 2,
+    max_context_tokens: ContextOption = None,
     backbone: BackboneOption = "mean_diff",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
@@ -606,7 +621,9 @@ def sweep(
     population = load_users(data, n_users=users)
     with out_lock(out):
         model = load_model(backend, tiny, model_source, remote)
-        config = pipeline_config(layer_list[0], 1.0, backbone, "template")
+        config = pipeline_config(
+            layer_list[0], 1.0, backbone, "template", max_context_tokens=max_context_tokens
+        )
         result = run_sweep(
             model,
             population,
