@@ -128,8 +128,12 @@ def test_reliability_rises_with_the_agreement_between_items(
     twins_twice = [s for s in pairs.twins for _ in range(2)]
     agree = weight(twice, twins_twice)  # odd half = even half: full agreement
     # the odd half reversed (twin vs original): the halves point in opposite directions
-    flipped_o = [o if i % 2 == 0 else t for i, (o, t) in enumerate(zip(twice, twins_twice, strict=False))]
-    flipped_t = [t if i % 2 == 0 else o for i, (o, t) in enumerate(zip(twice, twins_twice, strict=False))]
+    flipped_o = [
+        o if i % 2 == 0 else t for i, (o, t) in enumerate(zip(twice, twins_twice, strict=False))
+    ]
+    flipped_t = [
+        t if i % 2 == 0 else o for i, (o, t) in enumerate(zip(twice, twins_twice, strict=False))
+    ]
     disagree = weight(flipped_o, flipped_t)
     actual = weight(pairs.originals, pairs.twins)
     assert agree == pytest.approx(1.0, abs=1e-5)
