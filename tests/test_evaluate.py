@@ -15,7 +15,7 @@ import torch
 
 from steerx_lens import hooks
 from steerx_lens.attribution import Span
-from steerx_lens.attribution.effects import _counterfactual_users
+from steerx_lens.attribution.effects import counterfactual_users
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import UserHistory, make_synthetic_users
 from steerx_lens.evaluation.cells import STEERED_METHODS, Cell, read_cells
@@ -266,14 +266,14 @@ def test_the_shared_vector_of_a_user_holds_no_trace_of_its_baseline(tiny: Any, u
 def test_counterfactual_users_are_drawn_per_user_and_not_by_population_order() -> None:
     population = make_synthetic_users(n_users=10, n_history=2, n_heldout=0, seed=1)
     draws = {
-        user.user_id: tuple(u.user_id for u in _counterfactual_users(user, population, 2, 0))
+        user.user_id: tuple(u.user_id for u in counterfactual_users(user, population, 2, 0))
         for user in population
     }
     assert len(set(draws.values())) >= 6  # 10 users, C(9, 2) = 36 possible pairs
     for user in population:
         assert user.user_id not in draws[user.user_id]
         shuffled = list(reversed(population))
-        again = tuple(u.user_id for u in _counterfactual_users(user, shuffled, 2, 0))
+        again = tuple(u.user_id for u in counterfactual_users(user, shuffled, 2, 0))
         assert again == draws[user.user_id]
 
 

@@ -30,16 +30,16 @@ others raise a :class:`~steerx_lens.errors.SteerXError` naming what to use.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from jaxtyping import Float
 from torch import Tensor
 
+from steerx_lens.attribution.effects import counterfactual_users
 from steerx_lens.backbones import Sample
-from steerx_lens.data import HistoryItem, UserHistory
 from steerx_lens.errors import SteerXError
-from steerx_lens.text import encode_item, history_block
+from steerx_lens.text import encode_item, recent_items
 
 if TYPE_CHECKING:
     from steerx_lens.evidence import UserEvidence
@@ -90,26 +90,6 @@ def description_contrast_component(
     return pipeline.contrast(with_description, plain, site)
 
 
-def recent_block(tokenizer: Any, items: Sequence[HistoryItem], budget: int) -> list[HistoryItem]:
-    """The most recent ``items`` (oldest first) whose history block fits ``budget`` tokens."""
-    chosen: list[HistoryItem] = []
-    for item in reversed(items):
-        block = [item, *chosen]
-        if len(tokenizer(history_block(block), add_special_tokens=False)["input_ids"]) > budget:
-            break
-        chosen = block
-    return chosen
-
-
-def counterfactual_users(
-    user: UserHistory, population: Sequence[UserHistory], k: int, seed: int
-) -> list[UserHistory]:
-    """``k`` other users, drawn per user as attribution draws them."""
-    from steerx_lens.attribution.effects import _counterfactual_users
-
-    return _counterfactual_users(user, population, k, seed)
-
-
 def history_contrast_component(
     pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
 ) -> Float[Tensor, " d_model"] | None:
@@ -123,11 +103,11 @@ def history_contrast_component(
     rng = random.Random(f"{config.seed}:{user.user_id}:history_contrast")
     own, counterfactual = [], []
     for index, item in enumerate(user.history):
-        mine = recent_block(
+        mine = recent_items(
             tokenizer, user.history[:index] + user.history[index + 1 :], CONTEXT_BUDGET
         )
         other = rng.choice(others)
-        theirs = recent_block(tokenizer, other.history, CONTEXT_BUDGET)
+        theirs = recent_items(tokenizer, other.history, CONTEXT_BUDGET)
         if not mine or not theirs:
             continue
         own.append(Sample(item, encode_item(tokenizer, item, mine), exact_tokens=True))

@@ -48,6 +48,18 @@ def history_block(items: Sequence[HistoryItem]) -> str:
     )
 
 
+def recent_items(tokenizer: Any, items: Sequence[HistoryItem], budget: int) -> list[HistoryItem]:
+    """The most recent ``items`` (oldest first) whose :func:`history_block` fits ``budget``
+    tokens (counted without special tokens: the block sits inside a prompt)."""
+    chosen: list[HistoryItem] = []
+    for item in reversed(items):
+        block = [item, *chosen]
+        if len(tokenizer(history_block(block), add_special_tokens=False)["input_ids"]) > budget:
+            break
+        chosen = block
+    return chosen
+
+
 def format_user_message(item_input: str, history: Sequence[HistoryItem] | None = None) -> str:
     """The user-message text: ``item_input`` alone, or :data:`HISTORY_TEMPLATE` with a history."""
     if not history:

@@ -79,7 +79,7 @@ class _Plan:
     owner: list[int] = field(default_factory=list)
 
 
-def _counterfactual_users(
+def counterfactual_users(
     user: UserHistory, population: Sequence[UserHistory], k: int, seed: int
 ) -> list[UserHistory]:
     """``k`` other users, drawn per user: seeded by ``seed`` and the user's id from the other
@@ -135,7 +135,7 @@ def _plan(
     sources = (
         []
         if config.counterfactual == "neutral"
-        else _counterfactual_users(user, population, config.k_counterfactual, config.seed)
+        else counterfactual_users(user, population, config.k_counterfactual, config.seed)
     )
     for index, seq in enumerate(sequences):
         for context in counterfactual_contexts(

@@ -83,7 +83,7 @@ from steerx_lens.pipeline import (
 )
 from steerx_lens.runs import content_key, out_lock, user_file_names, write_name_index
 from steerx_lens.screening import history_limits, screen_items
-from steerx_lens.text import EncodedText, encode_item, history_block
+from steerx_lens.text import EncodedText, encode_item, recent_items
 from steerx_lens.vectors import SteeringVector
 from steerx_lens.viz import save_attribution_html
 
@@ -358,15 +358,8 @@ class Experiment:
 
     def prompt_history(self, user: UserHistory) -> list[HistoryItem]:
         """The most recent fit items whose block fits half of ``max_context_tokens``."""
-        tokenizer = self.pipeline.adapter.tokenizer
         budget = self.pipeline.config.max_context_tokens // 2
-        chosen: list[HistoryItem] = []
-        for item in reversed(user.history):
-            block = [item, *chosen]
-            if len(tokenizer(history_block(block))["input_ids"]) > budget:
-                break
-            chosen = block
-        return chosen
+        return recent_items(self.pipeline.adapter.tokenizer, user.history, budget)
 
     # ------------------------------------------------------------------ methods' vectors
     def method_vector(
@@ -453,10 +446,16 @@ class Experiment:
                 result[key] = [next(values) for _ in requests[key][0]]
         return result
 
-    def _masks(self, user: UserHistory, population: Population, spans: Mapping[str, Any]) -> Masks:
-        """Per metric, the held-out tokens it counts (:mod:`steerx_lens.evaluation.masks`)."""
+    def _masks(
+        self,
+        user: UserHistory,
+        texts: Sequence[EncodedText],
+        population: Population,
+        spans: Mapping[str, Any],
+    ) -> Masks:
+        """Per metric, the held-out tokens it counts (:mod:`steerx_lens.evaluation.masks`);
+        ``texts`` are the user's held-out items encoded without history."""
         tokenizer = self.pipeline.adapter.tokenizer
-        texts = [encode_for_eval(tokenizer, item) for item in user.heldout]
         config = self.pipeline.config
         masks: Masks = {
             "nll_distinct": span_masks(tokenizer, texts, user, spans[user.user_id]),
@@ -541,14 +540,16 @@ class Experiment:
         first = fits[min(fits)]
         fitted_ids = [uid for uid in first.users if all(uid in f.users for f in fits.values())]
         histories = {user.user_id: self.prompt_history(user) for user in users}
-        nlls = self._batched_nll(self._nll_requests(users, fits, histories, fitted_ids))
+        requests = self._nll_requests(users, fits, histories, fitted_ids)
+        nlls = self._batched_nll(requests)
         generations = (
             self._generation_texts(users, fits, histories, fitted_ids) if self.generate else {}
         )
         records: dict[str, UserRecord] = {}
         for user in users:
             uid = user.user_id
-            masks = self._masks(user, first.population, spans)
+            plain = requests[uid, "none", None][0]
+            masks = self._masks(user, plain, first.population, spans)
             items: dict[str, dict[Metric, ItemValues]] = {}
             methods = [m for m in ALL_METHODS if (uid, m, None) in nlls or m in OTHER_METHODS]
             for method in methods:

@@ -44,6 +44,7 @@ from steerx_lens.text import (
     format_user_message,
     has_chat_template,
     history_block,
+    recent_items,
 )
 
 __all__ = [
@@ -163,14 +164,9 @@ HISTORY_BUDGET_TOKENS = 256
 def prompt_history(
     tokenizer: Any, items: Sequence[HistoryItem], budget: int = HISTORY_BUDGET_TOKENS
 ) -> list[HistoryItem]:
-    """The most recent ``items`` (oldest first) whose history block fits ``budget`` tokens."""
-    chosen: list[HistoryItem] = []
-    for item in reversed(items):
-        block = [item, *chosen]
-        if len(tokenizer(history_block(block), add_special_tokens=False)["input_ids"]) > budget:
-            break
-        chosen = block
-    return chosen
+    """The most recent ``items`` (oldest first) whose history block fits ``budget`` tokens
+    (:func:`steerx_lens.text.recent_items` with the protocol's budget)."""
+    return recent_items(tokenizer, items, budget)
 
 
 # --------------------------------------------------------------------------------------------
