@@ -7,14 +7,23 @@ from typing import Any
 
 import pytest
 import torch
+from sae_lens import StandardSAE, StandardSAEConfig
 
 from steerx_lens.data import UserHistory, make_synthetic_users
+from steerx_lens.describe import EMPTY_DESCRIPTION
 from steerx_lens.errors import SteerXError
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import SteerX, SteerXConfig
 
 CONFIG = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256, swap_threshold=0.0)
 CONTRASTS = ("description_contrast", "history_contrast", "history_description")
+DESCRIPTION_DRIVEN = ("description_contrast", "history_description", "description_pairs")
+
+
+def described(evidence: Any, user_id: str) -> Any:
+    """``evidence`` with a description of its own (different per user)."""
+    text = f"Signs off with 'Cheers' and writes about {user_id}."
+    return replace(evidence, attribution=replace(evidence.attribution, description=text))
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +46,27 @@ def prepared(tiny: Any, users: list[UserHistory]) -> tuple[Any, Any]:
 @pytest.mark.parametrize(
     ("construction", "backbone"),
     [("minimal_pairs", "mean_diff"), ("minimal_pairs", "bipo")]
+    + [("description_pairs", "mean_diff"), ("description_pairs", "bipo")]
     + [(c, "mean_diff") for c in CONTRASTS],
 )
 def test_every_construction_gives_a_finite_direction_of_the_models_width(
     tiny: Any, users: list[UserHistory], construction: str, backbone: str
 ) -> None:
     config = replace(CONFIG, construction=construction, backbone=backbone, bipo_steps=3)
-    fit = SteerX(tiny, config, progress=False).fit_many(users)
-    for fitted in fit.users.values():
+    pipeline = SteerX(tiny, config, progress=False)
+    if construction in DESCRIPTION_DRIVEN:
+        # the random tiny model finds no spans, so no description: give each user one
+        population = pipeline.build_population(users)
+        fitted_users = [
+            pipeline.vectors(
+                described(pipeline.evidence(user, population), user.user_id), population
+            )
+            for user in users
+        ]
+    else:
+        fitted_users = list(pipeline.fit_many(users).users.values())
+    assert len(fitted_users) == len(users)
+    for fitted in fitted_users:
         assert fitted.personal_direction is not None
         assert fitted.personal_direction.shape == (64,)
         assert torch.isfinite(fitted.steerx.vector).all()
@@ -58,7 +80,9 @@ def test_a_contrast_construction_refuses_a_response_scoring_backbone(tiny: Any) 
         SteerX(tiny, replace(CONFIG, construction="nope"))
 
 
-@pytest.mark.parametrize("construction", ["description_contrast", "history_description"])
+@pytest.mark.parametrize(
+    "construction", ["description_contrast", "history_description", "description_pairs"]
+)
 def test_the_description_drives_the_vector(
     tiny: Any, prepared: tuple[Any, Any], construction: str
 ) -> None:
@@ -73,6 +97,7 @@ def test_the_description_drives_the_vector(
         return fitted.personal_direction
 
     first = direction("Signs off with 'Cheers' and loves the word jolly.")
+    assert torch.isfinite(first).all() and first.shape == (64,)
     assert torch.equal(first, direction("Signs off with 'Cheers' and loves the word jolly."))
     other = direction("Writes formal, long sentences about gardening.")
     assert not torch.allclose(first, other, atol=1e-4)
@@ -139,3 +164,46 @@ def test_reliability_rises_with_the_agreement_between_items(
     assert agree == pytest.approx(1.0, abs=1e-5)
     assert disagree == 0.0
     assert disagree <= actual <= agree
+
+
+def test_no_description_evidence_gives_no_description_component(
+    tiny: Any, prepared: tuple[Any, Any]
+) -> None:
+    population, evidence = prepared
+    empty = replace(
+        evidence, attribution=replace(evidence.attribution, description=EMPTY_DESCRIPTION)
+    )
+    for construction in ("description_contrast", "description_pairs"):
+        pipeline = SteerX(tiny, replace(CONFIG, construction=construction), progress=False)
+        fitted = pipeline.vectors(empty, population)
+        assert fitted.personal_direction is None
+        assert torch.equal(fitted.steerx.vector, population.shared_for(evidence.user_id).vector)
+
+
+@pytest.mark.parametrize("construction", ["minimal_pairs", "description_pairs"])
+def test_the_sae_backbone_picks_features_by_attribution_in_steerx_mode(
+    tiny: Any, prepared: tuple[Any, Any], construction: str
+) -> None:
+    """SAE projection as a step on a construction: at most ``sae_k`` features, chosen by the
+    attribution scores of the construction's two sides (an exact identity SAE, so a feature is
+    one coordinate's sign)."""
+    population, evidence = prepared
+    exact = StandardSAE(StandardSAEConfig(d_in=64, d_sae=128))
+    exact.cfg.metadata.hook_name = population.site
+    with torch.no_grad():
+        eye = torch.eye(64)
+        exact.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        exact.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        exact.b_enc.zero_()
+        exact.b_dec.zero_()
+    config = replace(
+        CONFIG, construction=construction, backbone="sae", sae_k=4, sae_by="attribution"
+    )
+    pipeline = SteerX(tiny, config, sae=exact, progress=False)
+    component = pipeline.personal_component(
+        described(evidence, evidence.user_id), population, population.site
+    )
+    assert component is not None and torch.isfinite(component).all()
+    assert 0 < int((component != 0).sum()) <= 4
+    with pytest.raises(SteerXError, match="sae_by"):
+        SteerX(tiny, replace(config, sae_by="size"))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from steerx_lens.attribution import LayerEffects, Span, TokenEffects, UserAttribution
 from steerx_lens.describe import (
     EMPTY_DESCRIPTION,
     LLMDescriber,
+    StructuredDescriber,
     TemplateDescriber,
     describe,
+    description_quality,
     evidence_lines,
     first_sentences,
 )
@@ -105,3 +108,43 @@ def test_layer_heatmap_png(tmp_path: Path) -> None:
 def test_circuitsvis_widget_has_the_tokens() -> None:
     widget = circuitsvis_tokens(attribution().items[0])
     assert "Cheers" in str(widget)
+
+
+def other_attribution() -> UserAttribution:
+    items = [
+        item(0, ["RT", " @KHNews", ":", " Study", ":", " sleep", "?"], [0, 5.0, 0, 3.0, 1, 0, 0]),
+        item(1, ["Study", ":", " #sleep", " helps", " @KHNews", "?"], [3.0, 1, 4.0, 0, 5.0, 0]),
+    ]
+    spans = [Span("@KHNews", 5.0, 2), Span("#sleep", 4.0, 1), Span("Study:", 3.0, 2)]
+    return UserAttribution("u2", items, spans)
+
+
+def test_structured_describer_groups_spans_by_kind_with_measured_habits() -> None:
+    text = StructuredDescriber()(other_attribution())
+    assert text == StructuredDescriber()(other_attribution())
+    assert "accounts such as @KHNews" in text
+    assert "hashtags such as #sleep" in text
+    assert 'Favoured words: "Study:"' in text or "Recurring phrases" not in text
+    assert "They ask questions (100% of texts)." in text
+    assert "They often open with a colon lead-in (100% of texts)." in text
+    assert "Their texts are typically" in text
+    assert 'Recurring phrases: "Cheers, Sam!"' in StructuredDescriber()(attribution())
+    assert StructuredDescriber()(UserAttribution("u", [], [])) == EMPTY_DESCRIPTION
+
+
+def test_description_quality_separates_own_from_other_and_catches_invented_claims() -> None:
+    spoken = attribution()
+    spoken.spans = spoken.spans[:1]  # "splendid" is not in the fixture's texts
+    atts = {"u1": spoken, "u2": other_attribution()}
+    own = {u: StructuredDescriber()(a) for u, a in atts.items()}
+    quality = description_quality(own, atts)
+    assert quality.faithfulness == 1.0
+    assert quality.own_spans_named > quality.other_spans_named
+    swapped = {"u1": own["u2"], "u2": own["u1"]}
+    crossed = description_quality(swapped, atts)
+    assert crossed.own_spans_named < crossed.other_spans_named
+    assert crossed.faithfulness is not None and crossed.faithfulness < 1.0
+    invented = {**own, "u1": own["u1"] + ' They love "sunny beaches" and #surfing.'}
+    assert description_quality(invented, atts).faithfulness < 1.0
+    with pytest.raises(ValueError, match="two users"):
+        description_quality({"u1": own["u1"]}, atts)

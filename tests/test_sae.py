@@ -15,15 +15,18 @@ from sae_lens import StandardSAE, StandardSAEConfig
 
 from steerx_lens import hooks
 from steerx_lens.backbones import sae_training
+from steerx_lens.backbones.mean_diff import mean_diff_backbone
 from steerx_lens.backbones.sae import (
     FINGERPRINT_KEY,
     SAELoadError,
+    attribution_scores,
     check_sae_fits,
     explained_variance,
     feature_activations,
     feature_steering_vector,
     load_sae,
     project_vector,
+    sae_backbone,
     top_features,
 )
 from steerx_lens.backbones.sae_training import train_demo_sae
@@ -243,6 +246,26 @@ def test_projection_by_attribution_uses_the_scores(sae: Any) -> None:
         project_vector(vector, sae, k=3, by="attribution")
     with pytest.raises(VectorShapeError):
         project_vector(vector, sae, by="attribution", feature_scores=torch.ones(5))
+
+
+def test_sae_backbone_by_attribution_keeps_the_features_the_chosen_side_raises(
+    tiny: Any,
+) -> None:
+    """With an exact identity SAE, feature i is relu(x_i) and feature d + i is relu(-x_i): the
+    attribution choice keeps the coordinates the chosen texts raise most, the magnitude choice
+    the largest coordinates of the vector, and both are exact on what they keep."""
+    exact = identity_sae(64, SITE)
+    chosen, rejected = TEXTS, ["Plain text here.", "Another plain one."]
+    scores = attribution_scores(tiny, SITE, exact, chosen, rejected)
+    assert scores.shape == (128,) and torch.isfinite(scores).all()
+    vector = mean_diff_backbone(tiny, SITE, chosen, rejected)
+    by_scores = sae_backbone(tiny, SITE, chosen, rejected, sae=exact, sae_k=3, sae_by="attribution")
+    by_size = sae_backbone(tiny, SITE, chosen, rejected, sae=exact, sae_k=3)
+    kept = sorted({int(f) % 64 for f in scores.topk(3).indices})
+    assert sorted(by_scores.nonzero().flatten().tolist()) == kept
+    torch.testing.assert_close(by_scores[kept], vector[kept])
+    largest = sorted(vector.abs().topk(3).indices.tolist())
+    assert sorted(by_size.nonzero().flatten().tolist()) == largest
 
 
 # ------------------------------------------------------------------------------ steering

@@ -51,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "attribute_user": "steerx_lens.attribution",
     "LLMDescriber": "steerx_lens.describe",
     "TemplateDescriber": "steerx_lens.describe",
+    "StructuredDescriber": "steerx_lens.describe",
+    "description_quality": "steerx_lens.describe",
     # errors
     "BackendError": "steerx_lens.errors",
     "BatchMismatchError": "steerx_lens.errors",

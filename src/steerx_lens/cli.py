@@ -197,7 +197,7 @@ BackboneOption = Annotated[str, typer.Option(help="mean_diff | bipo | sae", call
 LayerOption = Annotated[int | None, typer.Option(min=0, help=LAYER_HELP)]
 DataOption = Annotated[str, typer.Option(help="users: a path or a built-in name", callback=_data)]
 OutOption = Annotated[Path, typer.Option(help="output folder", callback=_out)]
-Describer = Literal["template", "llm"]
+Describer = Literal["structured", "template", "llm"]
 NewTokensOption = Annotated[int, typer.Option(min=1, help="tokens generated per prompt")]
 
 app = typer.Typer(
@@ -296,8 +296,8 @@ def attribute(
     users: UsersOption = None,
     method: Annotated[Literal["patch", "prompt"], typer.Option(help="patch | prompt")] = "patch",
     describer: Annotated[
-        Describer, typer.Option(help="template | llm (the model itself)")
-    ] = "template",
+        Describer, typer.Option(help="structured | template | llm (the model itself)")
+    ] = "structured",
     layer_map: Annotated[bool, typer.Option(help="also draw a layers x tokens map")] = False,
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
@@ -311,7 +311,7 @@ def attribute(
 
     from steerx_lens.attribution import AttributionConfig, attribute_user, layer_effects
     from steerx_lens.data import load_users
-    from steerx_lens.describe import LLMDescriber, TemplateDescriber, describe
+    from steerx_lens.describe import describe, make_describer
     from steerx_lens.screening import ItemLimits, screen_items
     from steerx_lens.viz import save_attribution_html, save_layer_heatmap
 
@@ -324,7 +324,7 @@ def attribute(
         model = load_model(backend, tiny, model_source, remote)
         adapter = get_adapter(model)
         limits = ItemLimits(adapter.max_positions, settings.max_context_tokens)
-        writer = LLMDescriber(model) if describer == "llm" else TemplateDescriber()
+        writer = make_describer(describer, model)
         records, failures, skipped_items = [], {}, {}
         for user in tqdm(chosen, desc="attributing users"):
             history, skipped = screen_items(
@@ -419,7 +419,9 @@ def fit(
     mode: Annotated[
         Literal["steerx", "baseline", "both"], typer.Option(help="steerx | baseline | both")
     ] = "both",
-    describer: Annotated[Describer, typer.Option(help="template | llm")] = "template",
+    describer: Annotated[
+        Describer, typer.Option(help="structured | template | llm")
+    ] = "structured",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
@@ -521,7 +523,9 @@ def evaluate(
     best: Annotated[Path | None, typer.Option(help="best.json from `steerx sweep`")] = None,
     generations: Annotated[bool, typer.Option(help="also score greedy generations")] = True,
     max_new_tokens: NewTokensOption = 40,
-    describer: Annotated[Describer, typer.Option(help="template | llm")] = "template",
+    describer: Annotated[
+        Describer, typer.Option(help="structured | template | llm")
+    ] = "structured",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
@@ -622,7 +626,7 @@ def sweep(
     with out_lock(out):
         model = load_model(backend, tiny, model_source, remote)
         config = pipeline_config(
-            layer_list[0], 1.0, backbone, "template", max_context_tokens=max_context_tokens
+            layer_list[0], 1.0, backbone, "structured", max_context_tokens=max_context_tokens
         )
         result = run_sweep(
             model,

@@ -19,12 +19,18 @@ preference-driven tokens, that these become a description, and that the descript
   prompt vs with a counterfactual user's items (drawn as in attribution), pooled over the
   response: an in-context vector of what the user's history does;
 - ``"history_description"``: the mean of the two unit directions above (the reading "½ (with
-  history − without) + ½ (with description − without)").
+  history − without) + ½ (with description − without)");
+- ``"description_pairs"``: for each fit prompt, the model's greedy answer written with the
+  description in the prompt (chosen) vs its plain answer ŷ (rejected), both read without the
+  description: StyleVector/BiPO pairs whose only difference is what the description does to
+  the model's own writing. Any backbone.
 
 Contrast constructions compare the *same response* under two prompts, which only activation
 backbones can read: they need a backbone that pools activations (``mean_diff``, and ``sae``
-which projects it); ``bipo`` (which scores responses) supports ``minimal_pairs`` only, and the
-others raise a :class:`~steerx_lens.errors.SteerXError` naming what to use.
+which projects it); ``bipo`` (which scores responses) supports ``minimal_pairs`` and
+``description_pairs``, and the others raise a :class:`~steerx_lens.errors.SteerXError` naming
+what to use. A user without preference-driven spans has no description (:data:`EMPTY_DESCRIPTION`)
+and so no description-driven component.
 """
 
 from __future__ import annotations
@@ -38,8 +44,11 @@ from torch import Tensor
 
 from steerx_lens.attribution.effects import counterfactual_users
 from steerx_lens.backbones import Sample
+from steerx_lens.backbones.mean_diff import model_answers
+from steerx_lens.data import HistoryItem
+from steerx_lens.describe import EMPTY_DESCRIPTION
 from steerx_lens.errors import SteerXError
-from steerx_lens.text import encode_item, recent_items
+from steerx_lens.text import build_prompt, encode_item, recent_items
 
 if TYPE_CHECKING:
     from steerx_lens.evidence import UserEvidence
@@ -51,6 +60,8 @@ DESCRIPTION_SYSTEM_TEMPLATE = "Write as this user writes. {description}"
 CONTEXT_BUDGET = 192
 """Tokens of history block in ``history_contrast`` prompts (the most recent items that fit)."""
 ACTIVATION_BACKBONES = ("mean_diff", "sae")
+ANY_BACKBONE = ("minimal_pairs", "description_pairs")
+"""Constructions that compare two *responses* and so work with every backbone."""
 
 
 def _require_activation_backbone(pipeline: SteerX, name: str) -> None:
@@ -58,8 +69,14 @@ def _require_activation_backbone(pipeline: SteerX, name: str) -> None:
         raise SteerXError(
             f"construction {name!r} compares one response under two prompts and needs an "
             f"activation backbone ({', '.join(ACTIVATION_BACKBONES)}); backbone "
-            f"{pipeline.config.backbone!r} supports construction 'minimal_pairs'"
+            f"{pipeline.config.backbone!r} supports {' and '.join(ANY_BACKBONE)}"
         )
+
+
+def user_description(evidence: UserEvidence) -> str | None:
+    """The user's description, or None when it has no evidence behind it."""
+    description = evidence.description
+    return None if not description or description == EMPTY_DESCRIPTION else description
 
 
 def minimal_pairs_component(
@@ -77,8 +94,8 @@ def description_contrast_component(
 ) -> Float[Tensor, " d_model"] | None:
     """The user's texts with the description in the prompt vs without it."""
     _require_activation_backbone(pipeline, "description_contrast")
-    description = evidence.description
-    if not description:
+    description = user_description(evidence)
+    if description is None:
         return None
     tokenizer = pipeline.adapter.tokenizer
     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
@@ -133,11 +150,38 @@ def history_description_component(
     return None if not parts else sum(parts) / len(parts)
 
 
+def described_answers(
+    pipeline: SteerX, items: list[HistoryItem], description: str
+) -> list[HistoryItem]:
+    """The model's greedy answers to ``items``' prompts with ``description`` as the system
+    text (disk-cached with the pipeline's ŷ, keyed by the prompts)."""
+    tokenizer, config = pipeline.adapter.tokenizer, pipeline.config
+    system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+    prompts = [build_prompt(tokenizer, item.input, system=system) for item in items]
+    answers = model_answers(
+        pipeline.model, prompts, config.answer_tokens, config.batch_size, pipeline.cache_dir
+    )
+    return [HistoryItem(item.input, answer) for item, answer in zip(items, answers, strict=True)]
+
+
+def description_pairs_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """Answers written with the description (chosen) vs plain answers ŷ (rejected)."""
+    description = user_description(evidence)
+    if description is None:
+        return None
+    items = list(evidence.user.history)
+    chosen = described_answers(pipeline, items, description)
+    return pipeline.contrast(chosen, list(evidence.negatives), site)
+
+
 CONSTRUCTIONS: dict[str, Construction] = {
     "minimal_pairs": minimal_pairs_component,
     "description_contrast": description_contrast_component,
     "history_contrast": history_contrast_component,
     "history_description": history_description_component,
+    "description_pairs": description_pairs_component,
 }
 """Personal-direction constructions by name (extend with :func:`register_construction`)."""
 
@@ -148,14 +192,14 @@ def register_construction(name: str, construction: Construction) -> None:
 
 
 def check_construction(name: str, backbone: str) -> None:
-    """Fail fast: ``name`` must be registered and, unless it is ``minimal_pairs``, be built with
-    an activation backbone."""
+    """Fail fast: ``name`` must be registered and, unless it is in :data:`ANY_BACKBONE`, be
+    built with an activation backbone."""
     get_construction(name)
-    if name != "minimal_pairs" and backbone not in ACTIVATION_BACKBONES:
+    if name not in ANY_BACKBONE and backbone not in ACTIVATION_BACKBONES:
         raise SteerXError(
             f"construction {name!r} compares one response under two prompts and needs an "
             f"activation backbone ({', '.join(ACTIVATION_BACKBONES)}); backbone {backbone!r} "
-            "supports construction 'minimal_pairs'"
+            f"supports {' and '.join(ANY_BACKBONE)}"
         )
 
 

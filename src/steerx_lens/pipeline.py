@@ -54,7 +54,7 @@ from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
 from steerx_lens.constructions import check_construction, get_construction
 from steerx_lens.data import HistoryItem, UserHistory, read_users, save_users
-from steerx_lens.describe import LLMDescriber, TemplateDescriber, describe
+from steerx_lens.describe import describe, make_describer
 from steerx_lens.errors import SteerXError
 from steerx_lens.evidence import MinimalPairs, UserEvidence, minimal_pairs
 from steerx_lens.text import build_prompt, encode_item
@@ -84,8 +84,9 @@ class SteerXConfig:
     k_counterfactual: int = DEFAULT_K_COUNTERFACTUAL
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
     batch_size: int = 8
-    describer: Literal["template", "llm"] = "template"
+    describer: Literal["structured", "template", "llm"] = "structured"
     sae_k: int = 32
+    sae_by: Literal["magnitude", "attribution"] = "magnitude"
     bipo_steps: int = 40
     seed: int = 0
     construction: str = "minimal_pairs"
@@ -298,6 +299,10 @@ class SteerX:
             raise SteerXError(
                 f"strength must be 'fixed' or 'reliability', got {self.config.strength!r}"
             )
+        if self.config.sae_by not in ("magnitude", "attribution"):
+            raise SteerXError(
+                f"sae_by must be 'magnitude' or 'attribution', got {self.config.sae_by!r}"
+            )
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.sae = sae
         self.progress = progress
@@ -344,9 +349,7 @@ class SteerX:
             seed=self.config.seed,
         )
         attribution = attribute_user(self.model, user, population.users, config)
-        describer = (
-            LLMDescriber(self.model) if self.config.describer == "llm" else TemplateDescriber()
-        )
+        describer = make_describer(self.config.describer, self.model)
         self._attributions[key] = describe(attribution, describer)
         return self._attributions[key]
 
@@ -380,6 +383,7 @@ class SteerX:
             "seed": config.seed,
             "sae": self._sae,
             "sae_k": config.sae_k,
+            "sae_by": config.sae_by,
         }
 
     def contrast(

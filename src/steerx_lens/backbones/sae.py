@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from steerx_lens import hooks
 from steerx_lens.backbones.base import Backbone, Sample, SampleLike
-from steerx_lens.backbones.inputs import as_samples
-from steerx_lens.backbones.mean_diff import mean_diff_backbone
+from steerx_lens.backbones.inputs import as_encoded, as_samples
+from steerx_lens.backbones.mean_diff import mean_diff_backbone, pooled_activations
 from steerx_lens.backends import get_adapter
 from steerx_lens.core import Batch, Inputs
 from steerx_lens.errors import (
@@ -394,13 +394,39 @@ def explained_variance(
 # --------------------------------------------------------------------------------------------
 
 
+def attribution_scores(
+    model: Any,
+    site: str,
+    sae: SAE,
+    chosen: Sequence[SampleLike],
+    rejected: Sequence[SampleLike],
+    batch_size: int = 8,
+) -> Float[Tensor, " d_sae"]:
+    """Per-feature ``mean encode(pool h(chosen)) − mean encode(pool h(rejected))``.
+
+    In SteerX mode the two sides are a user's texts and their minimal-pair twins, which differ
+    only at the preference-driven tokens: the score of a feature is how much those tokens
+    raise it, the feature choice for ``by="attribution"``.
+    """
+    tokenizer = get_adapter(model).tokenizer
+    sides = []
+    for name, samples in (("chosen", chosen), ("rejected", rejected)):
+        pooled = pooled_activations(
+            model, site, as_encoded(tokenizer, samples, name), batch_size=batch_size
+        )
+        sides.append(sae.encode(pooled.to(sae.device, sae.dtype)).float().cpu().mean(0))
+    return sides[0] - sides[1]
+
+
 def sae_projection(backbone: Backbone) -> Backbone:
     """``backbone`` followed by :func:`project_vector`: SAE projection as a step on any vector.
 
-    The returned backbone takes two more options: ``sae`` (the SAE, or a function ``site ->
-    SAE`` called only when a vector is projected, so a default SAE is loaded only when needed)
-    and ``sae_k`` (at most this many features, by ``"magnitude"``). The SAE is checked against
-    the model and site (:func:`check_sae_fits`) before each projection.
+    The returned backbone takes three more options: ``sae`` (the SAE, or a function ``site ->
+    SAE`` called only when a vector is projected, so a default SAE is loaded only when needed),
+    ``sae_k`` (at most this many features) and ``sae_by`` (``"magnitude"``: the features that
+    explain the vector; ``"attribution"``: the features the chosen side raises most over the
+    rejected side, :func:`attribution_scores`). The SAE is checked against the model and site
+    (:func:`check_sae_fits`) before each projection.
     """
 
     def projected(
@@ -411,12 +437,17 @@ def sae_projection(backbone: Backbone) -> Backbone:
         *,
         sae: SAE | Callable[[str], SAE],
         sae_k: int = 32,
+        sae_by: SelectBy = "magnitude",
         **options: Any,
     ) -> Float[Tensor, " d_model"]:
         vector = backbone(model, site, chosen, rejected, **options)
         resolved = sae if isinstance(sae, nn.Module) else sae(site)
         check_sae_fits(resolved, model, site)
-        return project_vector(vector, resolved, k=sae_k).vector
+        scores = None
+        if sae_by == "attribution":
+            batch_size = options.get("batch_size", 8)
+            scores = attribution_scores(model, site, resolved, chosen, rejected, batch_size)
+        return project_vector(vector, resolved, k=sae_k, by=sae_by, feature_scores=scores).vector
 
     return projected
 
