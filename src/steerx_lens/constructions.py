@@ -44,7 +44,6 @@ from torch import Tensor
 
 from steerx_lens.attribution.effects import counterfactual_users
 from steerx_lens.backbones import Sample
-from steerx_lens.backbones.mean_diff import model_answers
 from steerx_lens.data import HistoryItem
 from steerx_lens.describe import EMPTY_DESCRIPTION
 from steerx_lens.errors import SteerXError
@@ -154,13 +153,10 @@ def described_answers(
     pipeline: SteerX, items: list[HistoryItem], description: str
 ) -> list[HistoryItem]:
     """The model's greedy answers to ``items``' prompts with ``description`` as the system
-    text (disk-cached with the pipeline's ŷ, keyed by the prompts)."""
-    tokenizer, config = pipeline.adapter.tokenizer, pipeline.config
+    text (memoised per prompt by :meth:`SteerX.answers`, disk-cached with ŷ)."""
     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
-    prompts = [build_prompt(tokenizer, item.input, system=system) for item in items]
-    answers = model_answers(
-        pipeline.model, prompts, config.answer_tokens, config.batch_size, pipeline.cache_dir
-    )
+    prompts = [build_prompt(pipeline.adapter.tokenizer, i.input, system=system) for i in items]
+    answers = pipeline.answers(prompts)
     return [HistoryItem(item.input, answer) for item, answer in zip(items, answers, strict=True)]
 
 

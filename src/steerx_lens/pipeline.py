@@ -312,21 +312,24 @@ class SteerX:
     # ------------------------------------------------------------------ evidence (no layer)
     def model_answers(self, items: Sequence[HistoryItem]) -> list[str]:
         """The model's own greedy answers ŷ to the items' prompts (memoised and disk-cached)."""
-        missing = [item.input for item in items if item.input not in self._answers]
+        tokenizer = self.adapter.tokenizer
+        return self.answers([build_prompt(tokenizer, item.input) for item in items])
+
+    def answers(self, prompts: Sequence[str]) -> list[str]:
+        """Greedy answers of ``config.answer_tokens`` tokens to formatted ``prompts``, memoised
+        per prompt (a subset of prompts already answered costs nothing) and disk-cached."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._answers))
         if missing:
-            prompts = [
-                build_prompt(self.adapter.tokenizer, text) for text in dict.fromkeys(missing)
-            ]
             answers = model_answers(
                 self.model,
-                prompts,
+                missing,
                 self.config.answer_tokens,
                 self.config.batch_size,
                 self.cache_dir,
                 self.progress,
             )
-            self._answers.update(zip(dict.fromkeys(missing), answers, strict=True))
-        return [self._answers[item.input] for item in items]
+            self._answers.update(zip(missing, answers, strict=True))
+        return [self._answers[prompt] for prompt in prompts]
 
     def negatives(self, items: Sequence[HistoryItem]) -> list[HistoryItem]:
         """ŷ (``negatives="model"``) or a neutral answer for each item's prompt."""
