@@ -123,8 +123,26 @@ def test_eval_writes_the_documented_schema_and_resumes(
             assert f.exists()
         else:
             assert f.stat().st_mtime_ns == stamps[f.name], "a finished user was recomputed"
-    # resumed users are read back into typed records and written out unchanged
-    assert (tmp_path / "metrics.json").read_bytes() == first_run
+    # resumed users are read back into typed records and written out unchanged; the re-run
+    # user's rows share forward batches with other users' rows in the first run only, so its
+    # float32 values may differ in the last bits (padding changes the kernels' shapes)
+    assert_same_numbers(json.loads((tmp_path / "metrics.json").read_bytes()), json.loads(first_run))
+
+
+def assert_same_numbers(got: Any, expected: Any, path: str = "") -> None:
+    """Equal JSON trees, floats equal to 1e-6 (relative, or absolute near 0)."""
+    if isinstance(expected, dict):
+        assert list(got) == list(expected), path
+        for key in expected:
+            assert_same_numbers(got[key], expected[key], f"{path}/{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), path
+        for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_same_numbers(a, b, f"{path}[{index}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-6), path
+    else:
+        assert got == expected, path
 
 
 def test_user_records_round_trip_through_json() -> None:

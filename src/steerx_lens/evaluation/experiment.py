@@ -56,6 +56,7 @@ from steerx_lens.evaluation.masks import distinct_spans, planted_spans, span_mas
 from steerx_lens.evaluation.metrics import (
     ALL_METHODS,
     DESCRIPTION_SYSTEM_TEMPLATE,
+    OTHER_DESCRIPTION,
     OTHER_METHODS,
     encode_for_eval,
     item_generation_scores,
@@ -105,6 +106,7 @@ COMPARISONS = (
     ("baseline", "baseline_other"),
     ("history_prompt", "none"),
     ("description_prompt", "none"),
+    ("description_prompt", "description_prompt_other"),
 )
 """Every reported comparison (a, b): positive mean = a better. Holm adjusts over all of them ×
 :data:`COMPARED_METRICS`."""
@@ -413,6 +415,12 @@ class Experiment:
                 system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
                 described = [encode_item(tokenizer, item, (), system) for item in user.heldout]
                 requests[uid, "description_prompt", None] = (described, [None] * n)
+            for other_id in self.other_users(uid, fitted_ids):
+                other_description = self._description(other_id, fits)
+                if other_description:
+                    system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=other_description)
+                    described = [encode_item(tokenizer, item, (), system) for item in user.heldout]
+                    requests[uid, OTHER_DESCRIPTION, other_id] = (described, [None] * n)
             for control, mode in OTHER_METHODS.items():
                 for other_id in self.other_users(uid, fitted_ids):
                     vector = self.method_vector(other_id, mode, fits)
@@ -503,6 +511,11 @@ class Experiment:
                     if not description:
                         continue
                     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+                elif method == OTHER_DESCRIPTION:
+                    description = self._description(self._other_user(uid, fitted_ids), fits)
+                    if not description:
+                        continue
+                    system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
                 elif method in OTHER_METHODS:
                     other = self._other_user(uid, fitted_ids)
                     vector = self.method_vector(other, OTHER_METHODS[method], fits)
@@ -551,10 +564,16 @@ class Experiment:
             plain = requests[uid, "none", None][0]
             masks = self._masks(user, plain, first.population, spans)
             items: dict[str, dict[Metric, ItemValues]] = {}
-            methods = [m for m in ALL_METHODS if (uid, m, None) in nlls or m in OTHER_METHODS]
+            methods = [
+                m
+                for m in ALL_METHODS
+                if (uid, m, None) in nlls or m in OTHER_METHODS or m == OTHER_DESCRIPTION
+            ]
             for method in methods:
-                if method in OTHER_METHODS:
-                    others = self.other_users(uid, fitted_ids)
+                if method in OTHER_METHODS or method == OTHER_DESCRIPTION:
+                    others = [
+                        o for o in self.other_users(uid, fitted_ids) if (uid, method, o) in nlls
+                    ]
                     if not others:
                         continue
                     per_metric = {

@@ -12,7 +12,9 @@ Methods, always compared in the same run (:data:`ALL_METHODS`):
   positions;
 - ``baseline_other`` / ``steerx_other``: the user's held-out text under *other* users' vectors
   of that mode (NLL: averaged over up to ``max_other_users`` other users, 5 by default,
-  drawn per user; generation: one other user, drawn per user).
+  drawn per user; generation: one other user, drawn per user);
+- ``description_prompt_other``: *another* user's description in the prompt (drawn as for
+  ``*_other``): a description that is specific to its user must do worse than the user's own.
 
 Which tokens each NLL metric counts is :mod:`steerx_lens.evaluation.masks`.
 """
@@ -37,6 +39,7 @@ from steerx_lens.vectors import SteeringVector
 PREF_THRESHOLD = 1.0
 PROMPTED_METHODS = ("history_prompt", "description_prompt")
 OTHER_METHODS = {"baseline_other": "baseline", "steerx_other": "steerx"}
+OTHER_DESCRIPTION = "description_prompt_other"
 ALL_METHODS = (
     "none",
     "shared",
@@ -48,6 +51,7 @@ ALL_METHODS = (
     "description_prompt",
     "baseline_other",
     "steerx_other",
+    "description_prompt_other",
 )
 DESCRIPTION_SYSTEM_TEMPLATE = "Write as this user writes. {description}"
 """The system text of ``description_prompt``."""

@@ -20,6 +20,7 @@ METHOD_NOTES = {
     "random_swap": "SteerX with the same number of swapped tokens at random positions",
     "history_prompt": "the user's recent fit history in the prompt, no steering",
     "description_prompt": "the user's description in the prompt, no steering",
+    "description_prompt_other": "another user's description in the prompt, no steering",
     "baseline_other": "other users' all-history vectors (personalization control)",
     "steerx_other": "other users' SteerX vectors (personalization control)",
 }
