@@ -207,3 +207,44 @@ def test_the_sae_backbone_picks_features_by_attribution_in_steerx_mode(
     assert 0 < int((component != 0).sum()) <= 4
     with pytest.raises(SteerXError, match="sae_by"):
         SteerX(tiny, replace(config, sae_by="size"))
+
+
+def test_the_shrunk_anchor_follows_the_reliability_of_the_baseline_personal_part(
+    tiny: Any, prepared: tuple[Any, Any]
+) -> None:
+    """anchor="shrunk": shared + w·(baseline − shared), w the split-half reliability of the
+    user's baseline personal part: 1 when both halves agree exactly, 0 with one item (no
+    second half: the shared vector), in between otherwise."""
+    population, evidence = prepared
+    pipeline = SteerX(tiny, replace(CONFIG, anchor="shrunk"), progress=False)
+    site, uid = population.site, evidence.user_id
+    shared = population.shared_for(uid).vector
+    actual = pipeline.baseline_reliability(evidence, population, site)
+    assert 0.0 <= actual <= 1.0
+    fitted = pipeline.vectors(evidence, population)
+    assert fitted.anchor_weight == pytest.approx(actual)
+    anchor = pipeline.anchor(uid, population, fitted.baseline, fitted.anchor_weight).vector
+    torch.testing.assert_close(anchor, shared + actual * (fitted.baseline.vector - shared))
+    no_personal = fitted.steerx_at(
+        pipeline.anchor(uid, population, fitted.baseline, fitted.anchor_weight), 0.0, 1.0
+    )
+    torch.testing.assert_close(no_personal.vector, anchor)
+
+    def doubled(e: Any) -> Any:  # every item twice: the odd half equals the even half
+        items = [i for i in e.user.history for _ in range(2)]
+        negatives = [n for n in e.negatives for _ in range(2)]
+        return replace(e, user=replace(e.user, history=items), negatives=negatives)
+
+    assert pipeline.baseline_reliability(doubled(evidence), population, site) == pytest.approx(
+        1.0, abs=1e-5
+    )
+    single = replace(
+        evidence,
+        user=replace(evidence.user, history=evidence.user.history[:1]),
+        negatives=evidence.negatives[:1],
+    )
+    assert pipeline.baseline_reliability(single, population, site) == 0.0
+    with pytest.raises(SteerXError, match="shrunk"):
+        pipeline.anchor(uid, population, fitted.baseline)
+    with pytest.raises(SteerXError, match="anchor must be"):
+        SteerX(tiny, replace(CONFIG, anchor="own"))

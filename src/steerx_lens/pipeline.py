@@ -91,7 +91,7 @@ class SteerXConfig:
     seed: int = 0
     construction: str = "minimal_pairs"
     strength: Literal["fixed", "reliability"] = "fixed"
-    anchor: Literal["shared", "baseline"] = "shared"
+    anchor: Literal["shared", "baseline", "shrunk"] = "shared"
 
     @property
     def site(self) -> str:
@@ -163,6 +163,9 @@ class UserSteering:
     n_swapped_tokens: int
     personal_direction: Tensor | None = None
     random_direction: Tensor | None = None
+    anchor_weight: float | None = None
+    """With ``anchor="shrunk"``: the split-half reliability w of the user's baseline personal
+    part (the anchor is ``shared + w·(baseline − shared)``)."""
 
     def steerx_at(
         self, shared: SteeringVector, r: float, norm: float, alpha: float = 1.0
@@ -298,6 +301,10 @@ class SteerX:
         if self.config.strength not in ("fixed", "reliability"):
             raise SteerXError(
                 f"strength must be 'fixed' or 'reliability', got {self.config.strength!r}"
+            )
+        if self.config.anchor not in ("shared", "baseline", "shrunk"):
+            raise SteerXError(
+                f"anchor must be 'shared', 'baseline' or 'shrunk', got {self.config.anchor!r}"
             )
         if self.config.sae_by not in ("magnitude", "attribution"):
             raise SteerXError(
@@ -493,20 +500,44 @@ class SteerX:
         0 when ``c <= 0`` or a half has no evidence. A user whose items disagree on the
         direction gets a small weight, and no evidence gives the shared vector alone."""
         halves = [self.personal_component(half, population, site) for half in _halves(evidence)]
-        if any(h is None or float(h.norm()) == 0.0 for h in halves):
-            return 0.0
-        first, second = (_unit(h) for h in halves)  # type: ignore[arg-type]
-        cosine = float(first @ second)
-        return 0.0 if cosine <= 0 else 2 * cosine / (1 + cosine)
+        return split_half_reliability(*halves)
+
+    def baseline_reliability(
+        self, evidence: UserEvidence, population: Population, site: str
+    ) -> float:
+        """Split-half reliability (as :meth:`reliability`) of the user's *baseline* personal
+        part ``baseline − shared₋ᵤ``: the weight of ``anchor="shrunk"``."""
+        shared = population.shared_for(evidence.user_id).vector
+        halves = [
+            self.baseline_vector(half.user, site, half.negatives).vector - shared
+            for half in _halves(evidence)
+            if half.user.history
+        ]
+        return split_half_reliability(*halves) if len(halves) == 2 else 0.0
 
     def anchor(
-        self, user_id: str, population: Population, baseline: SteeringVector | None = None
+        self,
+        user_id: str,
+        population: Population,
+        baseline: SteeringVector | None = None,
+        weight: float | None = None,
     ) -> SteeringVector:
         """What SteerX's personal part is added to (``config.anchor``): the user's
-        leave-one-out shared vector, or the user's own all-history baseline."""
+        leave-one-out shared vector (``"shared"``), the user's own all-history baseline
+        (``"baseline"``), or the baseline shrunk toward the shared vector by its split-half
+        reliability ``weight`` (``"shrunk"``: ``shared + weight·(baseline − shared)``)."""
+        shared = population.shared_for(user_id)
+        if self.config.anchor == "shared":
+            return shared
+        own = baseline if baseline is not None else population.baselines[user_id]
         if self.config.anchor == "baseline":
-            return baseline if baseline is not None else population.baselines[user_id]
-        return population.shared_for(user_id)
+            return own
+        if weight is None:
+            raise SteerXError(
+                'anchor="shrunk" needs the user\'s baseline reliability weight: build the '
+                "vectors with SteerX.vectors(evidence, population) or fit_many(users)"
+            )
+        return replace(own, vector=shared.vector + weight * (own.vector - shared.vector))
 
     def method_vector(
         self, fit: FitResult, user_id: str, method: str, alpha: float, r: float | None = None
@@ -521,7 +552,7 @@ class SteerX:
             return replace(shared, alpha=alpha)
         if method == "baseline":
             return replace(mine.baseline, alpha=alpha)
-        anchor = self.anchor(user_id, population, mine.baseline)
+        anchor = self.anchor(user_id, population, mine.baseline, mine.anchor_weight)
         if method == "steerx":
             return mine.steerx_at(anchor, r, norm, alpha)
         if method == "decomposed_baseline":
@@ -537,11 +568,12 @@ class SteerX:
         population: Population,
         n_pairs: int,
         n_swapped: int,
+        anchor_weight: float | None = None,
     ) -> SteeringVector:
         """The SteerX vector at the population's site (alpha = 1 vector, config's ``r``)."""
         site, r = population.site, self.config.r
         raw = steerx_combination(
-            self.anchor(user_id, population).vector,
+            self.anchor(user_id, population, weight=anchor_weight).vector,
             direction,
             r=r,
             residual_norm=population.residual_norm,
@@ -587,7 +619,12 @@ class SteerX:
             direction = weight * direction if weight > 0 else None
             if random_direction is not None:
                 random_direction = weight * random_direction if weight > 0 else None
-        return self.assemble(evidence, population, baseline, direction, random_direction)
+        anchor_weight = None
+        if self.config.anchor == "shrunk":
+            anchor_weight = self.baseline_reliability(evidence, population, site)
+        return self.assemble(
+            evidence, population, baseline, direction, random_direction, anchor_weight
+        )
 
     def assemble(
         self,
@@ -596,11 +633,17 @@ class SteerX:
         baseline: SteeringVector,
         direction: Tensor | None,
         random_direction: Tensor | None,
+        anchor_weight: float | None = None,
     ) -> UserSteering:
         """A :class:`UserSteering` from its parts (e.g. read back from a saved fit)."""
         pairs = evidence.pairs
         steerx = self._steerx_vector(
-            evidence.user_id, direction, population, len(pairs.originals), pairs.n_swapped_tokens
+            evidence.user_id,
+            direction,
+            population,
+            len(pairs.originals),
+            pairs.n_swapped_tokens,
+            anchor_weight,
         )
         description, norm = evidence.description, population.residual_norm
         return UserSteering(
@@ -611,6 +654,7 @@ class SteerX:
             pairs.n_swapped_tokens,
             direction,
             random_direction,
+            anchor_weight,
         )
 
     def random_swap_pairs(self, evidence: UserEvidence) -> MinimalPairs:
@@ -679,6 +723,15 @@ class SteerX:
 def _unit(vector: Tensor) -> Float[Tensor, " d_model"]:
     """``vector / ‖vector‖`` as float32 on the CPU."""
     return (vector / vector.norm()).detach().float().cpu()
+
+
+def split_half_reliability(first: Tensor | None, second: Tensor | None) -> float:
+    """``2c / (1 + c)`` for the cosine ``c`` of two halves' vectors (Spearman-Brown), in
+    [0, 1]; 0 when they disagree (``c <= 0``) or a half is missing or zero."""
+    if first is None or second is None or float(first.norm()) == 0 or float(second.norm()) == 0:
+        return 0.0
+    cosine = float(_unit(first) @ _unit(second))
+    return 0.0 if cosine <= 0 else 2 * cosine / (1 + cosine)
 
 
 def _halves(evidence: UserEvidence) -> tuple[UserEvidence, UserEvidence]:

@@ -309,21 +309,25 @@ class Experiment:
         if baseline is not None:
             try:
                 tensors = load_file(str(path))
+                weight = tensors.get("anchor_weight")
                 return self.pipeline.assemble(
                     evidence,
                     population,
                     baseline,
                     tensors.get("steerx"),
                     tensors.get("random_swap"),
+                    None if weight is None else float(weight),
                 )
             except (SafetensorError, OSError):
                 pass  # not saved yet (or unreadable): computed below
         fitted = self.pipeline.vectors(evidence, population)
+        weight = fitted.anchor_weight
         directions = {
             name: tensor.contiguous()
             for name, tensor in (
                 ("steerx", fitted.personal_direction),
                 ("random_swap", fitted.random_direction),
+                ("anchor_weight", None if weight is None else torch.tensor(weight)),
             )
             if tensor is not None
         }
