@@ -219,3 +219,28 @@ def test_bridge_kv_cache_matches_a_full_forward(tiny_models: dict[str, Any]) -> 
     step = bridge(ids[:, 5:], past_key_values=cache, use_cache=True)
     full = bridge(ids, use_cache=False)
     assert (step[0, -1] - full[0, -1]).abs().max() <= 1e-4
+
+
+def test_activations_stop_after_the_last_requested_site(tiny_model: Any) -> None:
+    """``hooks.activations`` gives the activations of a full forward, and (on the hooking
+    backends) skips the layers above the last requested site."""
+
+    class Counter:
+        site = "blocks.1.hook_resid_post"
+        width = None
+        calls = 0
+
+        def __call__(self, act: torch.Tensor, ctx: Any) -> torch.Tensor:
+            Counter.calls += 1
+            return act
+
+    early, late = "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"
+    got = hooks.activations(tiny_model, PROMPTS, [early, late], Counter())
+    store: dict[str, torch.Tensor] = {}
+    hooks.run(tiny_model, PROMPTS, hooks.Capture(early, store), hooks.Capture(late, store))
+    for site in (early, late):
+        torch.testing.assert_close(got[site], store[site])
+    if get_adapter(tiny_model).name != "nnsight":
+        assert Counter.calls == 0, "the layer above the last site ran"
+    hooks.run(tiny_model, PROMPTS, Counter())
+    assert Counter.calls >= 1

@@ -272,11 +272,39 @@ class ModelAdapter(ABC):
     def activations(
         self, batch: Batch, interventions: Sequence[Intervention], sites: Sequence[str]
     ) -> dict[str, Float[Tensor, "batch pos d"]]:
-        """Activations at ``sites`` (after that site's interventions) of one forward pass."""
+        """Activations at ``sites`` (after that site's interventions) of one forward pass.
+
+        The pass stops once every site is captured: layers above the last site cannot change
+        activations below it in a causal model, so their compute (and the logits) is skipped.
+        """
         store: dict[str, Tensor] = {}
+        wanted = set(sites)
+        captures = [_CaptureUntilDone(site, store, frozenset(wanted)) for site in sites]
         with torch.no_grad():
-            self.forward(batch, [*interventions, *(Capture(site, store) for site in sites)])
+            try:
+                self.forward(batch, [*interventions, *captures])
+            except _AllCaptured:
+                pass
         return store
+
+
+class _AllCaptured(Exception):
+    """Raised from a capture hook once every requested site is stored: ends the forward."""
+
+
+@dataclass(frozen=True, eq=False)
+class _CaptureUntilDone(Capture):
+    """:class:`Capture` that ends the forward pass once all of ``sites`` are in the store."""
+
+    sites: frozenset[str] = frozenset()
+
+    def __call__(
+        self, act: Float[Tensor, "batch pos d"], ctx: HookContext
+    ) -> Float[Tensor, "batch pos d"]:
+        result = super().__call__(act, ctx)
+        if self.sites <= self.store.keys():
+            raise _AllCaptured
+        return result
 
 
 def finish_after_eos(
