@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from json_numbers import assert_same_numbers
 from steerx_lens import cli
 from steerx_lens.atomic import write_text
 from steerx_lens.backends import get_adapter
@@ -364,8 +365,10 @@ def test_a_resumed_eval_does_not_fit_again(
     for name in ("build_population", "evidence", "vectors", "model_answers"):
         monkeypatch.setattr(SteerX, name, no_fit)
     Experiment(tiny, users, tmp_path, CONFIG, generate=False, progress=False).run()
-    assert record.read_bytes() == finished
-    assert (tmp_path / "metrics.json").read_bytes() == metrics
+    # the re-run user's rows no longer share forward batches with other users' rows, so its
+    # float32 values may differ in the last bits
+    assert_same_numbers(json.loads(record.read_bytes()), json.loads(finished))
+    assert_same_numbers(json.loads((tmp_path / "metrics.json").read_bytes()), json.loads(metrics))
 
 
 # -------------------------------------------------------------------- properties

@@ -13,9 +13,17 @@ from steerx_lens.data import UserHistory, make_synthetic_users
 from steerx_lens.describe import EMPTY_DESCRIPTION
 from steerx_lens.errors import SteerXError
 from steerx_lens.models import load_tiny_model
-from steerx_lens.pipeline import SteerX, SteerXConfig
+from steerx_lens.pipeline import SteerX, SteerXConfig, default_construction
 
-CONFIG = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256, swap_threshold=0.0)
+CONFIG = SteerXConfig(
+    layer=1,
+    answer_tokens=4,
+    max_context_tokens=256,
+    swap_threshold=0.0,
+    construction="minimal_pairs",
+    strength="fixed",
+    anchor="shared",
+)
 CONTRASTS = ("description_contrast", "history_contrast", "history_description")
 DESCRIPTION_DRIVEN = ("description_contrast", "history_description", "description_pairs")
 
@@ -248,3 +256,20 @@ def test_the_shrunk_anchor_follows_the_reliability_of_the_baseline_personal_part
         pipeline.anchor(uid, population, fitted.baseline)
     with pytest.raises(SteerXError, match="anchor must be"):
         SteerX(tiny, replace(CONFIG, anchor="own"))
+
+
+def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
+    """A config without a construction gets the validated one for activation backbones and
+    minimal pairs for BiPO (which cannot read one response under two prompts)."""
+    assert default_construction("mean_diff") == "description_contrast"
+    assert default_construction("sae") == "description_contrast"
+    assert default_construction("bipo") == "minimal_pairs"
+    plain = SteerX(tiny, SteerXConfig(layer=1), progress=False).config
+    assert (plain.construction, plain.anchor, plain.strength) == (
+        "description_contrast",
+        "baseline",
+        "reliability",
+    )
+    assert SteerX(tiny, SteerXConfig(layer=1, backbone="bipo")).config.construction == (
+        "minimal_pairs"
+    )

@@ -171,9 +171,8 @@ def test_evidence_is_reused_at_another_site_and_round_trips(
         assert torch.equal(user_fit.baseline.vector, fresh.users[user_id].baseline.vector)
         assert torch.equal(user_fit.steerx.vector, fresh.users[user_id].steerx.vector)
         population = at_0.population
-        again = user_fit.steerx_at(
-            population.shared_for(user_id), pipeline.config.r, population.residual_norm
-        )
+        anchor = pipeline.anchor(user_id, population, user_fit.baseline, user_fit.anchor_weight)
+        again = user_fit.steerx_at(anchor, pipeline.config.r, population.residual_norm)
         assert torch.equal(again.vector, user_fit.steerx.vector)
     user_id = users[0].user_id
     path = at_1.evidence[user_id].save(tmp_path / "evidence.safetensors")

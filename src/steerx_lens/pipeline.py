@@ -52,7 +52,7 @@ from steerx_lens.backbones import Backbone, Sample, get_backbone
 from steerx_lens.backbones.mean_diff import Pool, model_answers, residual_norm
 from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
-from steerx_lens.constructions import check_construction, get_construction
+from steerx_lens.constructions import ACTIVATION_BACKBONES, check_construction, get_construction
 from steerx_lens.data import HistoryItem, UserHistory, read_users, save_users
 from steerx_lens.describe import describe, make_describer
 from steerx_lens.errors import SteerXError
@@ -80,7 +80,7 @@ class SteerXConfig:
     answer_tokens: int = 48
     alpha: float = 1.0
     swap_threshold: float = 2.0
-    r: float = 0.15
+    r: float = 0.1
     k_counterfactual: int = DEFAULT_K_COUNTERFACTUAL
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
     batch_size: int = 8
@@ -89,9 +89,11 @@ class SteerXConfig:
     sae_by: Literal["magnitude", "attribution"] = "magnitude"
     bipo_steps: int = 40
     seed: int = 0
-    construction: str = "minimal_pairs"
-    strength: Literal["fixed", "reliability"] = "fixed"
-    anchor: Literal["shared", "baseline", "shrunk"] = "shared"
+    construction: str | None = None
+    """None: ``description_contrast`` with an activation backbone (``mean_diff``, ``sae``),
+    ``minimal_pairs`` otherwise (:func:`default_construction`)."""
+    strength: Literal["fixed", "reliability"] = "reliability"
+    anchor: Literal["shared", "baseline", "shrunk"] = "baseline"
 
     @property
     def site(self) -> str:
@@ -113,6 +115,14 @@ class SteerXConfig:
         if self.layer is not None:
             return self
         return replace(self, layer=round(DEFAULT_DEPTH_FRACTION * n_layers))
+
+
+def default_construction(backbone: str) -> str:
+    """The construction a config without one gets: ``description_contrast`` for activation
+    backbones (chosen on validation items of two data sets, docs/method.md), ``minimal_pairs``
+    for the others (``bipo`` scores responses and cannot read one response under two
+    prompts; its default was not re-chosen)."""
+    return "description_contrast" if backbone in ACTIVATION_BACKBONES else "minimal_pairs"
 
 
 def steerx_combination(
@@ -289,6 +299,9 @@ class SteerX:
         self.model = model
         self.adapter = get_adapter(model)
         self.config = (config or SteerXConfig()).for_model(self.adapter.n_layers)
+        if self.config.construction is None:
+            construction = default_construction(self.config.backbone)
+            self.config = replace(self.config, construction=construction)
         limit = self.adapter.max_positions
         if limit is not None and self.config.max_context_tokens > limit:
             raise SteerXError(
@@ -569,11 +582,12 @@ class SteerX:
         n_pairs: int,
         n_swapped: int,
         anchor_weight: float | None = None,
+        baseline: SteeringVector | None = None,
     ) -> SteeringVector:
         """The SteerX vector at the population's site (alpha = 1 vector, config's ``r``)."""
         site, r = population.site, self.config.r
         raw = steerx_combination(
-            self.anchor(user_id, population, weight=anchor_weight).vector,
+            self.anchor(user_id, population, baseline, anchor_weight).vector,
             direction,
             r=r,
             residual_norm=population.residual_norm,
@@ -599,8 +613,16 @@ class SteerX:
         personal direction."""
         pairs = self.minimal_pairs(user, attribution)
         direction = self.personal_direction(pairs, population.site)
+        baseline = None
+        if self.config.anchor != "shared" and user.user_id not in population.baselines:
+            baseline = self.baseline_vector(user, population.site)
         vector = self._steerx_vector(
-            user.user_id, direction, population, len(pairs.originals), pairs.n_swapped_tokens
+            user.user_id,
+            direction,
+            population,
+            len(pairs.originals),
+            pairs.n_swapped_tokens,
+            baseline=baseline,
         )
         return vector, pairs.n_swapped_tokens, direction
 
@@ -644,6 +666,7 @@ class SteerX:
             len(pairs.originals),
             pairs.n_swapped_tokens,
             anchor_weight,
+            baseline,
         )
         description, norm = evidence.description, population.residual_norm
         return UserSteering(

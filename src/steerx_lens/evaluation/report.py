@@ -15,7 +15,7 @@ METHOD_NOTES = {
     "none": "no steering",
     "shared": "mean of the *other* users' all-history vectors (generic-shift control)",
     "baseline": "the user's all-history vector (classic steering)",
-    "steerx": "the user's SteerX vector (leave-one-out shared + personal minimal-pair part)",
+    "steerx": "the user's SteerX vector (anchor + the construction's personal part)",
     "decomposed_baseline": "shared + SteerX's personal norm along (baseline − shared)",
     "random_swap": "SteerX with the same number of swapped tokens at random positions",
     "history_prompt": "the user's recent fit history in the prompt, no steering",
