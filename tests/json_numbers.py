@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-import pytest
 
-
-def assert_same_numbers(got: Any, expected: Any, path: str = "") -> None:
-    """Equal JSON trees, floats equal to 1e-6 (relative, or absolute near 0)."""
+def assert_same_numbers(
+    got: Any, expected: Any, where: str = "", *, rel: float = 1e-6, abs_tol: float = 1e-6
+) -> None:
+    """Equal JSON trees (same keys in the same order, same texts and counts); floats equal
+    within ``rel`` (relative) or ``abs_tol`` (absolute)."""
     if isinstance(expected, dict):
-        assert list(got) == list(expected), path
+        assert list(got) == list(expected), where
         for key in expected:
-            assert_same_numbers(got[key], expected[key], f"{path}/{key}")
+            assert_same_numbers(got[key], expected[key], f"{where}.{key}", rel=rel, abs_tol=abs_tol)
     elif isinstance(expected, list):
-        assert len(got) == len(expected), path
+        assert len(got) == len(expected), where
         for index, (a, b) in enumerate(zip(got, expected, strict=True)):
-            assert_same_numbers(a, b, f"{path}[{index}]")
+            assert_same_numbers(a, b, f"{where}[{index}]", rel=rel, abs_tol=abs_tol)
     elif isinstance(expected, float):
-        assert got == pytest.approx(expected, rel=1e-6, abs=1e-6), path
+        assert math.isclose(got, expected, rel_tol=rel, abs_tol=abs_tol), (where, got, expected)
     else:
-        assert got == expected, path
+        assert got == expected, where

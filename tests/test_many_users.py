@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from json_numbers import assert_same_numbers
 from steerx_lens import hooks
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users
@@ -46,22 +47,6 @@ def fitted(
     return experiment, experiment.fit()
 
 
-def assert_same(got: Any, expected: Any, where: str = "record") -> None:
-    """Equal records: floats within TOLERANCE, everything else (texts, counts) exactly."""
-    if isinstance(expected, dict):
-        assert got.keys() == expected.keys(), where
-        for key in expected:
-            assert_same(got[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), where
-        for index, (a, b) in enumerate(zip(got, expected, strict=True)):
-            assert_same(a, b, f"{where}[{index}]")
-    elif isinstance(expected, float):
-        assert math.isclose(got, expected, rel_tol=0.0, abs_tol=TOLERANCE), (where, got, expected)
-    else:
-        assert got == expected, where
-
-
 def alone_nll(
     model: Any,
     user: UserHistory,
@@ -85,7 +70,9 @@ def test_users_batched_together_get_the_numbers_they_get_alone(
     for user in users:
         record = together[user.user_id]
         alone_record = experiment.evaluate_users([user], fits, spans)[user.user_id]
-        assert_same(record.to_json(), alone_record.to_json(), user.user_id)
+        assert_same_numbers(
+            record.to_json(), alone_record.to_json(), user.user_id, rel=0.0, abs_tol=TOLERANCE
+        )
         mine = fit.users[user.user_id]
         others = [fit.users[uid] for uid in fit.users if uid != user.user_id]
         history = experiment.prompt_history(user)
