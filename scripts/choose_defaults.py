@@ -50,7 +50,13 @@ from steerx_lens.evaluation.masks import span_masks  # noqa: E402
 from steerx_lens.evaluation.metrics import encode_for_eval, token_nll  # noqa: E402
 from steerx_lens.evidence import UserEvidence  # noqa: E402
 from steerx_lens.models import load_demo_model  # noqa: E402
-from steerx_lens.pipeline import SteerX, SteerXConfig, _halves, _unit  # noqa: E402
+from steerx_lens.pipeline import (  # noqa: E402
+    SteerX,
+    SteerXConfig,
+    _halves,
+    _unit,
+    split_half_reliability,
+)
 from steerx_lens.sweep import split_users  # noqa: E402
 from steerx_lens.text import encode_item  # noqa: E402
 
@@ -81,14 +87,6 @@ def prompted(tokenizer: object, items: list, description: str) -> list:
     """``items`` encoded with ``description`` as the system text (the description_prompt)."""
     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
     return [encode_item(tokenizer, i, (), system) for i in items]
-
-
-def split_half(parts: list) -> float:
-    """Spearman-Brown corrected cosine of two halves' vectors, 0 when they disagree."""
-    if any(p is None or float(p.norm()) == 0 for p in parts):
-        return 0.0
-    cosine = float(_unit(parts[0]) @ _unit(parts[1]))
-    return 0.0 if cosine <= 0 else 2 * cosine / (1 + cosine)
 
 
 def with_description(evidence: UserEvidence, description: str | None) -> UserEvidence:
@@ -147,12 +145,7 @@ def main() -> None:
         shrunk = {}
         for uid in users:
             shared_u = population.shared_for(uid).vector
-            weight = split_half(
-                [
-                    pipeline.baseline_vector(h.user, site, h.negatives).vector - shared_u
-                    for h in _halves(fit.evidence[uid])
-                ]
-            )
+            weight = pipeline.baseline_reliability(fit.evidence[uid], population, site)
             personal = fit.users[uid].baseline.vector - shared_u
             shrunk[uid] = shared_u + weight * personal
             rows.append(
@@ -221,7 +214,7 @@ def main() -> None:
                         if version == "centred":
                             others = torch.stack([raw[v] for v in present if v != uid]).mean(0)
                             parts = [p - others for p in parts]
-                        weight = split_half(parts)
+                        weight = split_half_reliability(*parts)
                     anchors = {
                         "shared": population.shared_for(uid).vector,
                         "baseline": fit.users[uid].baseline.vector,
