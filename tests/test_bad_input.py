@@ -27,6 +27,7 @@ from steerx_lens.atomic import write_text
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users, save_users
 from steerx_lens.evaluation import experiment as experiment_module
+from steerx_lens.evaluation.cells import STEERED_METHODS
 from steerx_lens.evaluation.experiment import Experiment
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import SteerX, SteerXConfig, steerx_combination
@@ -209,7 +210,7 @@ def test_a_sweep_with_alpha_zero_runs_and_alpha_zero_changes_nothing(tmp_path: P
     result = invoke(*args, "--rs", "0.1", "--n-validation", "1", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     sweep = user_json(tmp_path / "out", "sweep.json")
-    for method in ("baseline", "shared", "steerx", "decomposed_baseline", "random_swap"):
+    for method in STEERED_METHODS:
         assert sweep["nll_change"][method][0][0][0] == 0.0  # alpha 0 = no steering, exactly
 
 

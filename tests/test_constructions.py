@@ -9,11 +9,12 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
+from steerx_lens.constructions import DESCRIPTION_DRIVEN
 from steerx_lens.data import UserHistory, make_synthetic_users
 from steerx_lens.describe import EMPTY_DESCRIPTION
 from steerx_lens.errors import SteerXError
 from steerx_lens.models import load_tiny_model
-from steerx_lens.pipeline import SteerX, SteerXConfig, default_construction
+from steerx_lens.pipeline import FitResult, SteerX, SteerXConfig, default_construction
 
 CONFIG = SteerXConfig(
     layer=1,
@@ -25,7 +26,6 @@ CONFIG = SteerXConfig(
     anchor="shared",
 )
 CONTRASTS = ("description_contrast", "history_contrast", "history_description")
-DESCRIPTION_DRIVEN = ("description_contrast", "history_description", "description_pairs")
 
 
 def described(evidence: Any, user_id: str) -> Any:
@@ -109,6 +109,44 @@ def test_the_description_drives_the_vector(
     assert torch.equal(first, direction("Signs off with 'Cheers' and loves the word jolly."))
     other = direction("Writes formal, long sentences about gardening.")
     assert not torch.allclose(first, other, atol=1e-4)
+
+
+def described_fit(pipeline: SteerX, users: list[UserHistory]) -> FitResult:
+    """A fit whose users each have a description of their own (the tiny model finds none)."""
+    population = pipeline.build_population(users)
+    evidence = {u.user_id: described(pipeline.evidence(u, population), u.user_id) for u in users}
+    fitted = {uid: pipeline.vectors(e, population) for uid, e in evidence.items()}
+    return FitResult(population, fitted, {}, evidence)
+
+
+@pytest.mark.parametrize("construction", ["description_contrast", "minimal_pairs"])
+def test_the_description_swap_control_uses_another_users_description(
+    tiny: Any, users: list[UserHistory], construction: str
+) -> None:
+    config = replace(CONFIG, construction=construction, strength="reliability")
+    pipeline = SteerX(tiny, config, progress=False)
+    fit = described_fit(pipeline, users)
+    assert any(fit.users[u.user_id].personal_direction is not None for u in users)
+    for user in users:
+        uid = user.user_id
+        own = fit.users[uid].personal_direction
+        partner = pipeline.description_partner(fit, uid)
+        assert partner in fit.users and partner != uid
+        assert partner == pipeline.description_partner(fit, uid)  # seeded, stable
+        swapped = pipeline.description_swap_direction(fit, uid)
+        if own is None:  # no reliable personal part: the control adds none either
+            assert swapped is None
+            continue
+        assert swapped is not None
+        assert float(swapped.norm()) == pytest.approx(float(own.norm()), rel=1e-5)
+        if construction in DESCRIPTION_DRIVEN:
+            assert not torch.allclose(swapped, own, atol=1e-4)
+        else:  # minimal pairs never read the description: the control is SteerX itself
+            assert torch.equal(swapped, own)
+        norm = fit.population.residual_norm
+        vector = pipeline.method_vector(fit, uid, "description_swap", alpha=1.0).vector
+        anchor = pipeline.anchor(uid, fit.population, fit.users[uid].baseline)
+        assert torch.allclose(vector, anchor.vector + config.r * norm * swapped, atol=1e-5)
 
 
 def test_minimal_pairs_do_not_depend_on_the_description(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from jaxtyping import Float
@@ -61,21 +62,25 @@ CONTEXT_BUDGET = 192
 ACTIVATION_BACKBONES = ("mean_diff", "sae")
 ANY_BACKBONE = ("minimal_pairs", "description_pairs")
 """Constructions that compare two *responses* and so work with every backbone."""
+DESCRIPTION_DRIVEN = ("description_contrast", "history_description", "description_pairs")
+"""Constructions whose component depends on the user's description (the ``description_swap``
+control rebuilds them from another user's description)."""
 
 
 def _require_activation_backbone(pipeline: SteerX, name: str) -> None:
-    if pipeline.config.backbone not in ACTIVATION_BACKBONES:
-        raise SteerXError(
-            f"construction {name!r} compares one response under two prompts and needs an "
-            f"activation backbone ({', '.join(ACTIVATION_BACKBONES)}); backbone "
-            f"{pipeline.config.backbone!r} supports {' and '.join(ANY_BACKBONE)}"
-        )
+    check_construction(name, pipeline.config.backbone)
 
 
 def user_description(evidence: UserEvidence) -> str | None:
     """The user's description, or None when it has no evidence behind it."""
     description = evidence.description
     return None if not description or description == EMPTY_DESCRIPTION else description
+
+
+def with_description(evidence: UserEvidence, description: str | None) -> UserEvidence:
+    """``evidence`` with another description (everything else, the texts included, unchanged):
+    what the ``description_swap`` control builds its component from."""
+    return replace(evidence, attribution=replace(evidence.attribution, description=description))
 
 
 def minimal_pairs_component(

@@ -52,9 +52,15 @@ from steerx_lens.backbones import Backbone, Sample, get_backbone
 from steerx_lens.backbones.mean_diff import Pool, model_answers, residual_norm
 from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
-from steerx_lens.constructions import ACTIVATION_BACKBONES, check_construction, get_construction
+from steerx_lens.constructions import (
+    ACTIVATION_BACKBONES,
+    DESCRIPTION_DRIVEN,
+    check_construction,
+    get_construction,
+    with_description,
+)
 from steerx_lens.data import HistoryItem, UserHistory, read_users, save_users
-from steerx_lens.describe import describe, make_describer
+from steerx_lens.describe import EMPTY_DESCRIPTION, describe, make_describer
 from steerx_lens.errors import SteerXError
 from steerx_lens.evidence import MinimalPairs, UserEvidence, minimal_pairs
 from steerx_lens.text import build_prompt, encode_item
@@ -176,6 +182,9 @@ class UserSteering:
     anchor_weight: float | None = None
     """With ``anchor="shrunk"``: the split-half reliability w of the user's baseline personal
     part (the anchor is ``shared + w·(baseline − shared)``)."""
+    description_swap_direction: Tensor | None = None
+    """The ``description_swap`` control's direction once built
+    (:meth:`SteerX.description_swap_direction`)."""
 
     def steerx_at(
         self, shared: SteeringVector, r: float, norm: float, alpha: float = 1.0
@@ -214,6 +223,19 @@ class UserSteering:
         vector = steerx_combination(shared.vector, self.random_direction, r=r, residual_norm=norm)
         return replace(
             self.steerx, vector=vector, alpha=alpha, extra={"control": "random_swap", "r": r}
+        )
+
+    def description_swap_at(
+        self, anchor: SteeringVector, r: float, norm: float, alpha: float = 1.0
+    ) -> SteeringVector:
+        """The ``description_swap`` control: SteerX's construction and strength with another
+        user's description in place of the user's own (direction set by
+        :meth:`SteerX.description_swap_direction`)."""
+        vector = steerx_combination(
+            anchor.vector, self.description_swap_direction, r=r, residual_norm=norm
+        )
+        return replace(
+            self.steerx, vector=vector, alpha=alpha, extra={"control": "description_swap", "r": r}
         )
 
     @property
@@ -557,7 +579,7 @@ class SteerX:
     ) -> SteeringVector:
         """The vector a steered method adds for ``user_id`` in ``fit`` at ``alpha`` (and ``r``,
         default the config's): ``shared`` (leave-one-out), ``baseline``, ``steerx``, and the
-        controls ``decomposed_baseline`` and ``random_swap``."""
+        controls ``decomposed_baseline``, ``random_swap`` and ``description_swap``."""
         population, mine = fit.population, fit.users[user_id]
         shared, norm = population.shared_for(user_id), population.residual_norm
         r = self.config.r if r is None else r
@@ -572,7 +594,42 @@ class SteerX:
             return mine.decomposed_at(shared, r, norm, alpha)
         if method == "random_swap":
             return mine.random_swap_at(anchor, r, norm, alpha)
+        if method == "description_swap":
+            if mine.description_swap_direction is None:
+                mine.description_swap_direction = self.description_swap_direction(fit, user_id)
+            return mine.description_swap_at(anchor, r, norm, alpha)
         raise SteerXError(f"{method!r} adds no vector")
+
+    def description_partner(self, fit: FitResult, user_id: str) -> str | None:
+        """The other user whose description the ``description_swap`` control uses: drawn
+        (seeded by the seed and the user's id) among the fitted users with a description."""
+        others = sorted(
+            uid
+            for uid, steering in fit.users.items()
+            if uid != user_id and steering.description not in (None, "", EMPTY_DESCRIPTION)
+        )
+        if not others:
+            return None
+        return random.Random(f"{self.config.seed}:{user_id}:description").choice(others)
+
+    def description_swap_direction(self, fit: FitResult, user_id: str) -> Tensor | None:
+        """The ``description_swap`` control's direction: the config's construction built from
+        the user's own evidence with :meth:`description_partner`'s description instead of the
+        user's, scaled to the norm of the user's own direction (the same strength). Equal to
+        the user's own direction for constructions that do not read the description, and
+        None when the user has no personal direction."""
+        mine = fit.users[user_id]
+        own = mine.personal_direction
+        if own is None or self.config.construction not in DESCRIPTION_DRIVEN:
+            return own
+        partner = self.description_partner(fit, user_id)
+        if partner is None:
+            return None
+        evidence = with_description(fit.evidence[user_id], fit.users[partner].description)
+        component = self.personal_component(evidence, fit.population, fit.population.site)
+        if component is None or float(component.norm()) == 0.0:
+            return None
+        return float(own.norm()) * _unit(component)
 
     def _steerx_vector(
         self,

@@ -17,9 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STEERED_METHODS = ("shared", "baseline", "steerx", "decomposed_baseline", "random_swap")
+STEERED_METHODS = (
+    "shared",
+    "baseline",
+    "steerx",
+    "decomposed_baseline",
+    "random_swap",
+    "description_swap",
+)
 """The methods that add a vector (each has its own cell)."""
-R_METHODS = ("steerx", "decomposed_baseline", "random_swap")
+R_METHODS = ("steerx", "decomposed_baseline", "random_swap", "description_swap")
 """The methods with a personal part of norm ``r·‖h‖``."""
 
 

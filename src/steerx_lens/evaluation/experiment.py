@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from steerx_lens.atomic import write_bytes, write_text
 from steerx_lens.attribution import AttributionConfig
+from steerx_lens.constructions import DESCRIPTION_DRIVEN
 from steerx_lens.data import DEFAULT_N_VALIDATION, HistoryItem, UserHistory, fit_split
 from steerx_lens.errors import DataError, SteerXError
 from steerx_lens.evaluation.cells import STEERED_METHODS, Cell, default_cells
@@ -102,6 +103,7 @@ COMPARISONS = (
     ("baseline", "shared"),
     ("steerx", "decomposed_baseline"),
     ("steerx", "random_swap"),
+    ("steerx", "description_swap"),
     ("steerx", "steerx_other"),
     ("baseline", "baseline_other"),
     ("history_prompt", "none"),
@@ -110,6 +112,8 @@ COMPARISONS = (
 )
 """Every reported comparison (a, b): positive mean = a better. Holm adjusts over all of them ×
 :data:`COMPARED_METRICS`."""
+TIE_TOLERANCE = 1e-5
+"""Relative difference below which two per-item values are a tie (float32 batch rounding)."""
 COMPARED_METRICS = ("nll", "nll_distinct", "nll_marker", "nll_pref", "rougeL", "bleu")
 NllKey = tuple[str, str, str | None]  # (user id, method, other user's id for *_other methods)
 NllRequests = dict[NllKey, tuple[list[EncodedText], list[SteeringVector | None]]]
@@ -353,8 +357,23 @@ class Experiment:
                 fitted[user.user_id] = self._fit_user(user, population, folder)
             except (SteerXError, ValueError) as error:
                 failures[user.user_id] = f"{type(error).__name__}: {error}"
-        self._fits[layer] = FitResult(population, fitted, failures, dict(self._evidence))
-        return self._fits[layer]
+        fit = FitResult(population, fitted, failures, dict(self._evidence))
+        for user_id in fitted:
+            self._description_swap(fit, user_id, folder)
+        self._fits[layer] = fit
+        return fit
+
+    def _description_swap(self, fit: FitResult, user_id: str, folder: Path) -> None:
+        """Set the user's ``description_swap`` direction (needs every user's description, so
+        after all are fitted): loaded when saved, else computed and saved."""
+        path = folder / "users" / f"{self.names[user_id]}.description_swap.safetensors"
+        try:
+            direction = load_file(str(path)).get("direction")
+        except (SafetensorError, OSError):
+            direction = self.pipeline.description_swap_direction(fit, user_id)
+            tensors = {} if direction is None else {"direction": direction.contiguous()}
+            write_bytes(path, save(tensors))
+        fit.users[user_id].description_swap_direction = direction
 
     def fit(self) -> dict[str, FitResult]:
         """The fits at every layer some method's cell uses."""
@@ -686,9 +705,18 @@ class Experiment:
         return metrics
 
 
+def _difference(x: float, y: float) -> float:
+    """``y − x``, 0 within float32 rounding (:data:`TIE_TOLERANCE` relative): two methods that
+    add the same vector differ only by the rounding of their batch shapes, which is a tie, not
+    evidence for either."""
+    difference = y - x
+    return 0.0 if abs(difference) <= TIE_TOLERANCE * max(abs(x), abs(y)) else difference
+
+
 def paired_users(records: Sequence[UserRecord], a: str, b: str, metric: Metric) -> list[UserItems]:
-    """Per user with both methods, the per-item differences (positive = ``a`` better) and
-    weights (``a``'s token counts) over the items where both have a value."""
+    """Per user with both methods, the per-item differences (positive = ``a`` better; ties
+    within float32 rounding are 0) and weights (``a``'s token counts) over the items where
+    both have a value."""
     sign = 1.0 if metric in NLL_METRICS else -1.0
     users = []
     for record in records:
@@ -696,7 +724,7 @@ def paired_users(records: Sequence[UserRecord], a: str, b: str, metric: Metric) 
         if first is None or second is None:
             continue
         pairs = [
-            (sign * (y - x), w)
+            (sign * _difference(x, y), w)
             for x, y, w in zip(first.values, second.values, first.weights, strict=True)
             if x is not None and y is not None and w > 0
         ]
@@ -735,6 +763,8 @@ def aggregate(
         methods[method] = summary
     comparisons = []
     for a, b in COMPARISONS:
+        if b == "description_swap" and config.get("construction") not in DESCRIPTION_DRIVEN:
+            continue  # the construction does not read the description: the same vector
         for metric in COMPARED_METRICS:
             users = paired_users(records, a, b, metric)
             if users:

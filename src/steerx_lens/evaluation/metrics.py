@@ -10,6 +10,9 @@ Methods, always compared in the same run (:data:`ALL_METHODS`):
 - ``decomposed_baseline``: shared + SteerX's personal norm along unit(baseline − shared);
 - ``random_swap``: SteerX's construction with the same number of swapped tokens at random
   positions;
+- ``description_swap``: SteerX's construction and strength built from *another* user's
+  description (drawn per user); identical to ``steerx`` for constructions that do not read
+  the description. SteerX must beat it for the *user's own* description to be what helps;
 - ``baseline_other`` / ``steerx_other``: the user's held-out text under *other* users' vectors
   of that mode (NLL: averaged over up to ``max_other_users`` other users, 5 by default,
   drawn per user; generation: one other user, drawn per user);
@@ -47,6 +50,7 @@ ALL_METHODS = (
     "steerx",
     "decomposed_baseline",
     "random_swap",
+    "description_swap",
     "history_prompt",
     "description_prompt",
     "baseline_other",
