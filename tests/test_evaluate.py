@@ -20,7 +20,7 @@ from steerx_lens.attribution.effects import counterfactual_users
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import UserHistory, make_synthetic_users
 from steerx_lens.evaluation.cells import R_METHODS, STEERED_METHODS, Cell, read_cells
-from steerx_lens.evaluation.experiment import Experiment, _item_values
+from steerx_lens.evaluation.experiment import Experiment, _item_values, paired_users
 from steerx_lens.evaluation.masks import distinct_spans, planted_spans, span_masks
 from steerx_lens.evaluation.metrics import (
     ALL_METHODS,
@@ -351,3 +351,17 @@ def test_masks_shorter_than_the_item_cover_its_first_tokens() -> None:
     assert _item_values([nll], [torch.tensor([False, True])]).pooled() == 2.0
     empty = _item_values([nll], [torch.tensor([False, False])])
     assert empty.values == [None] and empty.pooled() is None
+
+
+def test_float_rounding_between_equal_methods_is_a_tie_not_evidence() -> None:
+    def record(uid: str, a: list[float], b: list[float]) -> UserRecord:
+        items = {"a": {"nll": ItemValues(a, [3] * len(a))}, "b": {"nll": ItemValues(b, [3] * 2)}}
+        return UserRecord(uid, "k", 6, {}, None, [], 0, False, items, {})
+
+    rounding = [record(u, [4.0, 3.5], [4.0 * (1 + 3e-7), 3.5 * (1 - 2e-7)]) for u in "xyz"]
+    for user in paired_users(rounding, "a", "b", "nll"):
+        assert user.diffs.tolist() == [0.0, 0.0]  # batch-shape rounding: ties
+    real = [record(u, [4.0, 3.5], [4.1, 3.5 + 1e-3]) for u in "xyz"]
+    assert [u.diffs.tolist() for u in paired_users(real, "a", "b", "nll")] == [
+        pytest.approx([0.1, 1e-3])
+    ] * 3
