@@ -41,7 +41,9 @@ import torch  # noqa: E402
 from steerx_lens.constructions import (  # noqa: E402
     ANY_BACKBONE,
     CONSTRUCTIONS,
+    DESCRIPTION_DRIVEN,
     DESCRIPTION_SYSTEM_TEMPLATE,
+    with_description,
 )
 from steerx_lens.data import load_users  # noqa: E402
 from steerx_lens.describe import description_quality, make_describer  # noqa: E402
@@ -59,8 +61,6 @@ from steerx_lens.pipeline import (  # noqa: E402
 )
 from steerx_lens.sweep import split_users  # noqa: E402
 from steerx_lens.text import encode_item  # noqa: E402
-
-DESCRIPTION_DRIVEN = ("description_contrast", "history_description", "description_pairs")
 
 
 def gather_evidence(
@@ -87,10 +87,6 @@ def prompted(tokenizer: object, items: list, description: str) -> list:
     """``items`` encoded with ``description`` as the system text (the description_prompt)."""
     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
     return [encode_item(tokenizer, i, (), system) for i in items]
-
-
-def with_description(evidence: UserEvidence, description: str | None) -> UserEvidence:
-    return replace(evidence, attribution=replace(evidence.attribution, description=description))
 
 
 def main() -> None:

@@ -25,7 +25,12 @@ CONFIG = SteerXConfig(
     strength="fixed",
     anchor="shared",
 )
-CONTRASTS = ("description_contrast", "history_contrast", "history_description")
+CONTRASTS = (
+    "description_contrast",
+    "description_content",
+    "history_contrast",
+    "history_description",
+)
 
 
 def described(evidence: Any, user_id: str) -> Any:
@@ -88,9 +93,7 @@ def test_a_contrast_construction_refuses_a_response_scoring_backbone(tiny: Any) 
         SteerX(tiny, replace(CONFIG, construction="nope"))
 
 
-@pytest.mark.parametrize(
-    "construction", ["description_contrast", "history_description", "description_pairs"]
-)
+@pytest.mark.parametrize("construction", list(DESCRIPTION_DRIVEN))
 def test_the_description_drives_the_vector(
     tiny: Any, prepared: tuple[Any, Any], construction: str
 ) -> None:

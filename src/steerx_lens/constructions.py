@@ -15,6 +15,10 @@ preference-driven tokens, that these become a description, and that the descript
   prompt (system text) vs without it, pooled over the response: the description's effect on
   the model's reading of the user's text (two different descriptions give two different
   vectors);
+- ``"description_content"``: as ``description_contrast``, but against the same instruction
+  without the description (``Write as this user writes.``) rather than against the model's
+  default prompt: only what the description's *content* does (the instruction's generic shift
+  cancels);
 - ``"history_contrast"``: the user's texts read with the user's own other fit items in the
   prompt vs with a counterfactual user's items (drawn as in attribution), pooled over the
   response: an in-context vector of what the user's history does;
@@ -62,7 +66,12 @@ CONTEXT_BUDGET = 192
 ACTIVATION_BACKBONES = ("mean_diff", "sae")
 ANY_BACKBONE = ("minimal_pairs", "description_pairs")
 """Constructions that compare two *responses* and so work with every backbone."""
-DESCRIPTION_DRIVEN = ("description_contrast", "history_description", "description_pairs")
+DESCRIPTION_DRIVEN = (
+    "description_contrast",
+    "description_content",
+    "history_description",
+    "description_pairs",
+)
 """Constructions whose component depends on the user's description (the ``description_swap``
 control rebuilds them from another user's description)."""
 
@@ -109,6 +118,29 @@ def description_contrast_component(
     ]
     plain = [Sample(item, encode_item(tokenizer, item), exact_tokens=True) for item in items]
     return pipeline.contrast(with_description, plain, site)
+
+
+def description_content_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The user's texts with the description in the prompt vs with the instruction alone."""
+    _require_activation_backbone(pipeline, "description_content")
+    description = user_description(evidence)
+    if description is None:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+    described = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+    instruction = DESCRIPTION_SYSTEM_TEMPLATE.format(description="").strip()
+    items = evidence.user.history
+    with_description = [
+        Sample(item, encode_item(tokenizer, item, (), described), exact_tokens=True)
+        for item in items
+    ]
+    instructed = [
+        Sample(item, encode_item(tokenizer, item, (), instruction), exact_tokens=True)
+        for item in items
+    ]
+    return pipeline.contrast(with_description, instructed, site)
 
 
 def history_contrast_component(
@@ -180,6 +212,7 @@ def description_pairs_component(
 CONSTRUCTIONS: dict[str, Construction] = {
     "minimal_pairs": minimal_pairs_component,
     "description_contrast": description_contrast_component,
+    "description_content": description_content_component,
     "history_contrast": history_contrast_component,
     "history_description": history_description_component,
     "description_pairs": description_pairs_component,
