@@ -155,6 +155,9 @@ def main() -> None:
         for uid in users:
             rows.append(("none", uid, None, texts[uid]))
             rows.append(("baseline", uid, fit.users[uid].baseline, texts[uid]))
+            for alpha in (1.25, 1.5):  # the baseline stronger: is a win just more norm?
+                stronger = replace(fit.users[uid].baseline, alpha=alpha)
+                rows.append((f"baseline/alpha={alpha:g}", uid, stronger, texts[uid]))
             rows.append(("shared", uid, population.shared_for(uid), texts[uid]))
             rows.append(
                 (
@@ -229,6 +232,14 @@ def main() -> None:
                                 tag = "" if version == "raw" else f"[{version}]"
                                 name = f"{anchor}+{construction}{tag}/{strength}/r={r:g}"
                                 rows.append((name, uid, steer, texts[uid]))
+                                if anchor == "baseline" and version == "raw":
+                                    # control: the baseline at this candidate's norm
+                                    own = fit.users[uid].baseline
+                                    scale = float(vector.norm()) / float(own.vector.norm())
+                                    matched = replace(own, vector=own.vector * scale)
+                                    rows.append(
+                                        (f"baseline[norm of {name}]", uid, matched, texts[uid])
+                                    )
         flat = [t for *_, ts in rows for t in ts]
         vectors = [v for _, _, v, ts in rows for _ in ts]
         nlls = iter(token_nll(model, flat, vectors, batch_size=32))
