@@ -102,45 +102,40 @@ def minimal_pairs_component(
     return pipeline.contrast(pairs.originals, pairs.twins, site)
 
 
-def description_contrast_component(
-    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+def _described_vs(
+    pipeline: SteerX, evidence: UserEvidence, site: str, name: str, reference: str | None
 ) -> Float[Tensor, " d_model"] | None:
-    """The user's texts with the description in the prompt vs without it."""
-    _require_activation_backbone(pipeline, "description_contrast")
+    """The user's texts read with the description as the system text vs with ``reference``
+    as the system text (None: the chat template's default)."""
+    _require_activation_backbone(pipeline, name)
     description = user_description(evidence)
     if description is None:
         return None
     tokenizer = pipeline.adapter.tokenizer
     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+
+    def read(item: HistoryItem, system_text: str | None) -> Sample:
+        return Sample(item, encode_item(tokenizer, item, (), system_text), exact_tokens=True)
+
     items = evidence.user.history
-    with_description = [
-        Sample(item, encode_item(tokenizer, item, (), system), exact_tokens=True) for item in items
-    ]
-    plain = [Sample(item, encode_item(tokenizer, item), exact_tokens=True) for item in items]
-    return pipeline.contrast(with_description, plain, site)
+    return pipeline.contrast(
+        [read(item, system) for item in items], [read(item, reference) for item in items], site
+    )
+
+
+def description_contrast_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The user's texts with the description in the prompt vs without it."""
+    return _described_vs(pipeline, evidence, site, "description_contrast", None)
 
 
 def description_content_component(
     pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
 ) -> Float[Tensor, " d_model"] | None:
     """The user's texts with the description in the prompt vs with the instruction alone."""
-    _require_activation_backbone(pipeline, "description_content")
-    description = user_description(evidence)
-    if description is None:
-        return None
-    tokenizer = pipeline.adapter.tokenizer
-    described = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
     instruction = DESCRIPTION_SYSTEM_TEMPLATE.format(description="").strip()
-    items = evidence.user.history
-    with_description = [
-        Sample(item, encode_item(tokenizer, item, (), described), exact_tokens=True)
-        for item in items
-    ]
-    instructed = [
-        Sample(item, encode_item(tokenizer, item, (), instruction), exact_tokens=True)
-        for item in items
-    ]
-    return pipeline.contrast(with_description, instructed, site)
+    return _described_vs(pipeline, evidence, site, "description_content", instruction)
 
 
 def history_contrast_component(

@@ -35,6 +35,7 @@ from steerx_lens import hooks
 from steerx_lens.attribution import DEFAULT_CONFIG, AttributionConfig, token_effects
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import HistoryItem, UserHistory
+from steerx_lens.evaluation.cells import STEERED_METHODS
 from steerx_lens.evaluation.results import GenerationScores
 from steerx_lens.text import EncodedText, encode_item, pad_batch
 from steerx_lens.vectors import SteeringVector
@@ -45,12 +46,7 @@ OTHER_METHODS = {"baseline_other": "baseline", "steerx_other": "steerx"}
 OTHER_DESCRIPTION = "description_prompt_other"
 ALL_METHODS = (
     "none",
-    "shared",
-    "baseline",
-    "steerx",
-    "decomposed_baseline",
-    "random_swap",
-    "description_swap",
+    *STEERED_METHODS,
     "history_prompt",
     "description_prompt",
     "baseline_other",
