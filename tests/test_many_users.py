@@ -14,6 +14,7 @@ from steerx_lens import hooks
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users
 from steerx_lens.evaluation import experiment as experiment_module
+from steerx_lens.evaluation.cells import STEERED_METHODS
 from steerx_lens.evaluation.experiment import Experiment, _item_values
 from steerx_lens.evaluation.generation import generation_prompt
 from steerx_lens.evaluation.masks import distinct_spans
@@ -148,7 +149,8 @@ def test_rows_of_different_users_share_one_forward_call(
 
     n_heldout = sum(len(user.heldout) for user in users)
     described = all(fit.users[u.user_id].description for u in users)
-    own = 8 if described else 7
+    # none, every steered method, the history prompt (and the description prompt)
+    own = 1 + len(STEERED_METHODS) + 1 + (1 if described else 0)
     # own methods + both vector modes (and the description) of every other user
     rows_per_item = own + (3 if described else 2) * (len(users) - 1)
     assert nll_calls == [n_heldout * rows_per_item], "one token_nll call for every user and method"
