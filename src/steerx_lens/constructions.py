@@ -80,10 +80,15 @@ def _require_activation_backbone(pipeline: SteerX, name: str) -> None:
     check_construction(name, pipeline.config.backbone)
 
 
+def evidenced_description(description: str | None) -> str | None:
+    """``description``, or None when it has no evidence behind it (empty, or the describer's
+    sentence for a user without spans)."""
+    return None if not description or description == EMPTY_DESCRIPTION else description
+
+
 def user_description(evidence: UserEvidence) -> str | None:
     """The user's description, or None when it has no evidence behind it."""
-    description = evidence.description
-    return None if not description or description == EMPTY_DESCRIPTION else description
+    return evidenced_description(evidence.description)
 
 
 def with_description(evidence: UserEvidence, description: str | None) -> UserEvidence:

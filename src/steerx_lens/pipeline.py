@@ -56,11 +56,12 @@ from steerx_lens.constructions import (
     ACTIVATION_BACKBONES,
     DESCRIPTION_DRIVEN,
     check_construction,
+    evidenced_description,
     get_construction,
     with_description,
 )
 from steerx_lens.data import HistoryItem, UserHistory, read_users, save_users
-from steerx_lens.describe import EMPTY_DESCRIPTION, describe, make_describer
+from steerx_lens.describe import describe, make_describer
 from steerx_lens.errors import SteerXError
 from steerx_lens.evidence import MinimalPairs, UserEvidence, minimal_pairs
 from steerx_lens.text import build_prompt, encode_item
@@ -214,29 +215,20 @@ class UserSteering:
             extra={"control": "decomposed_baseline", "r": r},
         )
 
-    def random_swap_at(
-        self, shared: SteeringVector, r: float, norm: float, alpha: float = 1.0
+    def control_at(
+        self, control: str, anchor: SteeringVector, r: float, norm: float, alpha: float = 1.0
     ) -> SteeringVector:
-        """The ``random_swap`` control: SteerX's construction whose twins swap the same number
-        of tokens at random positions (:func:`~steerx_lens.evidence.minimal_pairs` with
-        ``randomize``)."""
-        vector = steerx_combination(shared.vector, self.random_direction, r=r, residual_norm=norm)
-        return replace(
-            self.steerx, vector=vector, alpha=alpha, extra={"control": "random_swap", "r": r}
-        )
-
-    def description_swap_at(
-        self, anchor: SteeringVector, r: float, norm: float, alpha: float = 1.0
-    ) -> SteeringVector:
-        """The ``description_swap`` control: SteerX's construction and strength with another
-        user's description in place of the user's own (direction set by
+        """A control built like SteerX (anchor + ``r·‖h‖`` times a direction) from another
+        direction: ``"random_swap"`` (twins that swap as many tokens at random positions,
+        :func:`~steerx_lens.evidence.minimal_pairs` with ``randomize``) or
+        ``"description_swap"`` (another user's description,
         :meth:`SteerX.description_swap_direction`)."""
-        vector = steerx_combination(
-            anchor.vector, self.description_swap_direction, r=r, residual_norm=norm
-        )
-        return replace(
-            self.steerx, vector=vector, alpha=alpha, extra={"control": "description_swap", "r": r}
-        )
+        direction = {
+            "random_swap": self.random_direction,
+            "description_swap": self.description_swap_direction,
+        }[control]
+        vector = steerx_combination(anchor.vector, direction, r=r, residual_norm=norm)
+        return replace(self.steerx, vector=vector, alpha=alpha, extra={"control": control, "r": r})
 
     @property
     def description(self) -> str | None:
@@ -592,12 +584,10 @@ class SteerX:
             return mine.steerx_at(anchor, r, norm, alpha)
         if method == "decomposed_baseline":
             return mine.decomposed_at(shared, r, norm, alpha)
-        if method == "random_swap":
-            return mine.random_swap_at(anchor, r, norm, alpha)
-        if method == "description_swap":
-            if mine.description_swap_direction is None:
-                mine.description_swap_direction = self.description_swap_direction(fit, user_id)
-            return mine.description_swap_at(anchor, r, norm, alpha)
+        if method == "description_swap" and mine.description_swap_direction is None:
+            mine.description_swap_direction = self.description_swap_direction(fit, user_id)
+        if method in ("random_swap", "description_swap"):
+            return mine.control_at(method, anchor, r, norm, alpha)
         raise SteerXError(f"{method!r} adds no vector")
 
     def description_partner(self, fit: FitResult, user_id: str) -> str | None:
@@ -606,7 +596,7 @@ class SteerX:
         others = sorted(
             uid
             for uid, steering in fit.users.items()
-            if uid != user_id and steering.description not in (None, "", EMPTY_DESCRIPTION)
+            if uid != user_id and evidenced_description(steering.description) is not None
         )
         if not others:
             return None
