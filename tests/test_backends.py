@@ -244,3 +244,28 @@ def test_activations_stop_after_the_last_requested_site(tiny_model: Any) -> None
         assert Counter.calls == 0, "the layer above the last site ran"
     hooks.run(tiny_model, PROMPTS, Counter())
     assert Counter.calls >= 1
+
+
+def test_scoring_the_last_tokens_equals_the_full_scores(tiny_model: Any) -> None:
+    steer = hooks.Steer("blocks.1.hook_resid_post", vector(64), alpha=3.0)
+    full = hooks.score_tokens(tiny_model, PROMPTS, steer)
+    tail = hooks.score_tokens(tiny_model, PROMPTS, steer, last=3)
+    assert tail.logp.shape == full.logp.shape
+    assert torch.allclose(tail.logp[:, -3:], full.logp[:, -3:], atol=1e-5)
+    assert tail.top[:, -3:].equal(full.top[:, -3:])
+    assert tail.logp[:, :-3].isnan().all() and (tail.top[:, :-3] == -1).all()
+    longer = hooks.score_tokens(tiny_model, PROMPTS, steer, last=full.logp.shape[1] + 5)
+    assert longer.logp.equal(full.logp)
+    with pytest.raises(ValueError, match="last must be >= 1"):
+        hooks.score_tokens(tiny_model, PROMPTS, last=0)
+
+
+def test_hf_scores_the_last_tokens_without_the_other_logits(tiny_models: dict[str, Any]) -> None:
+    model = tiny_models["hf"]
+    widths: list[int] = []
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    try:
+        hooks.score_tokens(model, PROMPTS, last=2)
+    finally:
+        handle.remove()
+    assert widths == [3], "the unembedding ran on the last 3 positions only"

@@ -16,9 +16,9 @@ from steerx_lens.data import HistoryItem, UserHistory, make_synthetic_users
 from steerx_lens.evaluation import experiment as experiment_module
 from steerx_lens.evaluation.cells import STEERED_METHODS
 from steerx_lens.evaluation.experiment import Experiment, _item_values
-from steerx_lens.evaluation.generation import generation_prompt
+from steerx_lens.evaluation.generation import GENERATION_BATCH_SIZE, generation_prompt
 from steerx_lens.evaluation.masks import distinct_spans
-from steerx_lens.evaluation.metrics import ALL_METHODS, encode_for_eval, token_nll
+from steerx_lens.evaluation.metrics import ALL_METHODS, OTHER_METHODS, encode_for_eval, token_nll
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import FitResult, SteerXConfig, stacked_steer
 from steerx_lens.vectors import SteeringVector
@@ -119,15 +119,15 @@ def test_rows_of_different_users_share_one_forward_call(
     inside_nll = False
 
     original_forward, original_nll, original_generate = (
-        adapter.forward,
+        adapter.score_next_tokens,
         experiment_module.token_nll,
         hooks.generate,
     )
 
-    def spy_forward(batch: Any, interventions: Any, grad: bool = False) -> Any:
+    def spy_forward(batch: Any, interventions: Any, last: int | None = None) -> Any:
         if inside_nll:
             nll_forwards.append(batch.input_ids.tolist())
-        return original_forward(batch, interventions, grad=grad)
+        return original_forward(batch, interventions, last=last)
 
     def spy_nll(model: Any, texts: list, *args: Any, **kwargs: Any) -> Any:
         nonlocal inside_nll
@@ -142,7 +142,7 @@ def test_rows_of_different_users_share_one_forward_call(
         generate_calls.append((list(inputs), interventions))
         return original_generate(model, inputs, *interventions, **kwargs)
 
-    monkeypatch.setattr(adapter, "forward", spy_forward)
+    monkeypatch.setattr(adapter, "score_next_tokens", spy_forward)
     monkeypatch.setattr(experiment_module, "token_nll", spy_nll)
     monkeypatch.setattr(hooks, "generate", spy_generate)
     experiment.evaluate_users(users, fits, distinct_spans(experiment.users))
@@ -177,18 +177,36 @@ def test_rows_of_different_users_share_one_forward_call(
     assert max(len(owners(rows)) for rows in nll_forwards) >= 2, "no forward mixed users"
 
     methods = [m for m in ALL_METHODS if not m.startswith("description_prompt") or described]
-    assert len(generate_calls) == len(methods)
-    for (prompts, interventions), method in zip(generate_calls, methods, strict=True):
-        assert len(prompts) == n_heldout, f"{method}: one generate call for every user's prompts"
-        if method in ("baseline", "steerx"):
-            (steer,) = interventions
-            owned = [getattr(fit.users[u.user_id], method) for u in users for _ in u.heldout]
-            for row, vector in zip(steer.vector, owned, strict=True):
-                assert row.equal(vector.vector * vector.alpha), (
-                    f"{method}: a row got another vector"
-                )
-        if method in ("none", "history_prompt", "description_prompt"):
-            assert interventions == ()
+    n_rows = n_heldout * len(methods)
+    assert sum(len(prompts) for prompts, _ in generate_calls) == n_rows
+    assert len(generate_calls) == math.ceil(n_rows / GENERATION_BATCH_SIZE), (
+        "every method's generations share batches"
+    )
+    lengths = [
+        len(tokenizer(p, add_special_tokens=False).input_ids)
+        for prompts, _ in generate_calls
+        for p in prompts
+    ]
+    assert lengths == sorted(lengths), "batches are length-sorted (less padding)"
+    # each steered row carries its own method's vector (the unsteered rows a zero one)
+    fitted_ids = list(fit.users)
+
+    def added(owner: str, method: str) -> Any:
+        vector = experiment.method_vector(owner, method, fits)
+        return vector.vector * vector.alpha
+
+    expected = [added(u.user_id, m) for u in users for m in STEERED_METHODS for _ in u.heldout] + [
+        added(experiment._other_user(u.user_id, fitted_ids), mode)
+        for u in users
+        for mode in OTHER_METHODS.values()
+        for _ in u.heldout
+    ]
+    for prompts, interventions in generate_calls:  # a batch with no steered row gets no Steer
+        assert len(interventions) <= 1 and all(len(i.vector) == len(prompts) for i in interventions)
+    steered = [row for _, steers in generate_calls for s in steers for row in s.vector if row.any()]
+    assert len(steered) == len(expected)
+    key = lambda t: tuple(t.tolist())  # noqa: E731
+    assert sorted(map(key, steered)) == sorted(map(key, expected)), "a row got another vector"
 
 
 def test_users_per_batch_must_be_positive(tiny: Any, users: list[UserHistory]) -> None:

@@ -150,14 +150,19 @@ def score_tokens(
     *interventions: InterventionLike,
     tokenizer: Any = None,
     padding_side: Literal["left", "right"] = "left",
+    last: int | None = None,
 ) -> TokenScores:
     """Log-probs of the input's own next tokens and top-1 predictions, with the interventions.
 
     Equals :func:`next_token_scores` of :func:`run`'s logits, but only ``[batch, pos - 1]``
     values leave the model: on nnsight (local or remote) the reduction runs inside the trace.
+    ``last``: score only each row's last ``last`` tokens (left-padded rows end together), the
+    other positions NaN and -1; the unembedding then skips them where the backend allows.
     """
+    if last is not None and last < 1:
+        raise ValueError(f"last must be >= 1 (tokens to score), got {last}")
     adapter, batch = _encoded(model, inputs, tokenizer, padding_side)
-    return adapter.score_next_tokens(batch, as_interventions(interventions))
+    return adapter.score_next_tokens(batch, as_interventions(interventions), last=last)
 
 
 def activations(

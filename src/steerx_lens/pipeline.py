@@ -358,9 +358,8 @@ class SteerX:
                 self.model,
                 missing,
                 self.config.answer_tokens,
-                self.config.batch_size,
-                self.cache_dir,
-                self.progress,
+                cache_dir=self.cache_dir,
+                progress=self.progress,
             )
             self._answers.update(zip(missing, answers, strict=True))
         return [self._answers[prompt] for prompt in prompts]
@@ -483,6 +482,11 @@ class SteerX:
                 "SteerX needs a population of at least 2 users with histories (other users' "
                 "contexts are the counterfactuals and their mean vector is the shared part)"
             )
+        if self.config.negatives == "model":  # every user's ŷ in shared batches, up front
+            try:
+                self.model_answers([item for user in usable for item in user.history])
+            except ValueError:
+                pass  # some user's data fails: the per-user calls below say whose
         baselines, failures = {}, {}
         for user in tqdm(usable, desc="baseline vectors", disable=not self.progress):
             try:

@@ -51,6 +51,11 @@ def _response_scores(scores: hooks.TokenScores, rows: Sequence[EncodedText]) -> 
     return out
 
 
+def _n_scored(rows: Sequence[EncodedText]) -> int:
+    """How many final tokens of the left-padded batch hold some row's response."""
+    return max(1, max(len(row.input_ids) - row.response_start for row in rows))
+
+
 class Scorer:
     """Runs rows through ``hooks`` in padded batches and returns response log-probs."""
 
@@ -65,7 +70,9 @@ class Scorer:
         for chunk in chunks(rows, self.batch_size):
             batch_rows = [rows[i] for i in chunk]
             inputs = pad_batch(batch_rows, self.adapter.pad_token_id).inputs
-            scores = hooks.score_tokens(self.model, inputs, tokenizer=self.adapter.tokenizer)
+            scores = hooks.score_tokens(
+                self.model, inputs, tokenizer=self.adapter.tokenizer, last=_n_scored(batch_rows)
+            )
             for i, logp in zip(chunk, _response_scores(scores, batch_rows), strict=True):
                 out[i] = logp
         return out
@@ -87,7 +94,11 @@ class Scorer:
             for g, group in enumerate(site_groups):
                 patches = [hooks.Patch(site, source[site], positions=positions) for site in group]
                 scores = hooks.score_tokens(
-                    self.model, inputs, *patches, tokenizer=self.adapter.tokenizer
+                    self.model,
+                    inputs,
+                    *patches,
+                    tokenizer=self.adapter.tokenizer,
+                    last=_n_scored(batch_rows),
                 )
                 for i, logp in zip(chunk, _response_scores(scores, batch_rows), strict=True):
                     out[g][i] = logp

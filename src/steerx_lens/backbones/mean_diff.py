@@ -31,6 +31,7 @@ from steerx_lens.atomic import write_text
 from steerx_lens.backbones.base import SampleLike
 from steerx_lens.backbones.inputs import as_encoded
 from steerx_lens.backends import get_adapter
+from steerx_lens.backends.base import GENERATION_BATCH_SIZE
 from steerx_lens.text import pad_batch
 
 Pool = Literal["response_mean", "last"]
@@ -148,11 +149,12 @@ def model_answers(
     model: Any,
     prompts: Sequence[str],
     max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = GENERATION_BATCH_SIZE,
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """The model's own greedy answers ŷ to ``prompts`` (chat-formatted prompt texts).
+    """The model's own greedy answers ŷ to ``prompts`` (chat-formatted prompt texts), decoded
+    in length-sorted batches of ``batch_size``.
 
     Cached as JSON under ``cache_dir`` (keyed by model fingerprint, prompts and length), so the
     baseline's negatives are generated once.
@@ -164,11 +166,16 @@ def model_answers(
         path = Path(cache_dir) / f"answers-{key}.json"
         if path.exists():
             return list(json.loads(path.read_text()))
-    answers: list[str] = []
-    starts = range(0, len(prompts), batch_size)
+    tokenizer = adapter.tokenizer
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    answers = [""] * len(prompts)
+    starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="model answers ŷ", disable=not progress):
-        chunk = list(prompts[start : start + batch_size])
-        answers.extend(hooks.generate(model, chunk, max_new_tokens=max_new_tokens).texts)
+        chunk = order[start : start + batch_size]
+        texts = hooks.generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens)
+        for i, text in zip(chunk, texts.texts, strict=True):
+            answers[i] = text
     answers = [answer.strip() or "." for answer in answers]
     if path is not None:
         write_text(path, json.dumps(answers))

@@ -5,6 +5,7 @@ Also the fast generation path: HF ``generate`` with the hooks active.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -187,6 +188,22 @@ class HFAdapter(ModelAdapter):
                 attention_mask=batch.attention_mask,
                 position_ids=position_ids_for(batch.attention_mask),
                 use_cache=False,
+            ).logits
+
+    def tail_logits(
+        self, batch: Batch, interventions: Sequence[Intervention], keep: int
+    ) -> Float[Tensor, "batch keep vocab"]:
+        """The unembedding runs on the last ``keep`` positions only (``logits_to_keep``), for
+        models whose ``forward`` takes it (the values are the same as a full pass's)."""
+        if "logits_to_keep" not in inspect.signature(self.model.forward).parameters:
+            return super().tail_logits(batch, interventions, keep)
+        with self.apply(interventions):
+            return self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids_for(batch.attention_mask),
+                use_cache=False,
+                logits_to_keep=keep,
             ).logits
 
     supports_sampling = True

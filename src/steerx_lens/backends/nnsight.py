@@ -26,6 +26,7 @@ from steerx_lens.backends.base import (
     ModelAdapter,
     finish_after_eos,
     greedy_generate_kwargs,
+    left_filled,
     pad_to_length,
     resid_mid_edit,
     weights_digest,
@@ -256,8 +257,14 @@ class NNsightAdapter(ModelAdapter):
     ) -> Float[Tensor, "batch pos vocab"]:
         return self._trace(batch, interventions, "logits", grad=grad)
 
-    def score_next_tokens(self, batch: Batch, interventions: Sequence[Intervention]) -> TokenScores:
-        return TokenScores(*self._trace(batch, interventions, "scores"))
+    def score_next_tokens(
+        self, batch: Batch, interventions: Sequence[Intervention], last: int | None = None
+    ) -> TokenScores:
+        scores = TokenScores(*self._trace(batch, interventions, "scores"))
+        width = scores.logp.shape[1]
+        if last is None or last >= width:
+            return scores
+        return left_filled(TokenScores(scores.logp[:, -last:], scores.top[:, -last:]), width)
 
     def activations(
         self, batch: Batch, interventions: Sequence[Intervention], sites: Sequence[str]

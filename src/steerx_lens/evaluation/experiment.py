@@ -19,7 +19,8 @@ with :func:`steerx_lens.runs.out_lock` while the run writes.
 
 Users are evaluated in groups (``users_per_batch``): the NLL rows of every user, method and
 other user's vector of a group share forward batches (each row steered by its own vector; one
-call per site), and each generation method is one batched generation over the group's prompts.
+call per site), and the generations of every method share length-sorted batches (one per-row
+steering vector each).
 Rows are left-padded and masked, so a user's numbers do not depend on which users it was batched
 with (up to float rounding).
 """
@@ -48,6 +49,7 @@ from steerx_lens.data import DEFAULT_N_VALIDATION, HistoryItem, UserHistory, fit
 from steerx_lens.errors import DataError, SteerXError
 from steerx_lens.evaluation.cells import STEERED_METHODS, Cell, default_cells
 from steerx_lens.evaluation.generation import (
+    GENERATION_BATCH_SIZE,
     generate_samples,
     generation_informative,
     generation_prompt,
@@ -516,13 +518,12 @@ class Experiment:
         fitted_ids: Sequence[str],
     ) -> dict[str, dict[str, list[str]]]:
         """Per user and method, greedy continuations of the held-out task prompts
-        (:mod:`steerx_lens.evaluation.generation`): one batched generation per method."""
+        (:mod:`steerx_lens.evaluation.generation`), every method's rows in shared batches."""
         tokenizer = self.pipeline.adapter.tokenizer
-        texts: dict[str, dict[str, list[str]]] = {user.user_id: {} for user in users}
+        rows: list[tuple[str, str]] = []  # (user, method) of each prompt, item by item
+        prompts: list[str] = []
+        vectors: list[SteeringVector | None] = []
         for method in ALL_METHODS:
-            prompts: list[str] = []
-            vectors: list[SteeringVector | None] = []
-            rows: list[str] = []
             for user in users:
                 uid, source = user.user_id, user.meta.get("source")
                 history: list[HistoryItem] | None = None
@@ -545,25 +546,53 @@ class Experiment:
                 elif method != "none":
                     vector = self.method_vector(uid, method, fits)
                 for item in user.heldout:
+                    rows.append((uid, method))
                     prompts.append(generation_prompt(tokenizer, item, source, history, system))
                     vectors.append(vector)
-                rows.append(uid)
-            if not prompts:
-                continue
-            steered = [v for v in vectors if v is not None]
-            interventions = []
-            if steered:
-                zero = replace(steered[0], vector=torch.zeros_like(steered[0].vector))
-                interventions.append(stacked_steer([zero if v is None else v for v in vectors]))
-            generated = iter(
-                generate_samples(
-                    self.model, prompts, *interventions, max_new_tokens=self.max_new_tokens
-                )[0]
-            )
-            by_id = {user.user_id: user for user in users}
-            for uid in rows:
-                texts[uid][method] = [next(generated) for _ in by_id[uid].heldout]
+        texts: dict[str, dict[str, list[str]]] = {user.user_id: {} for user in users}
+        for (uid, method), text in zip(rows, self._generate(prompts, vectors), strict=True):
+            texts[uid].setdefault(method, []).append(text)
         return texts
+
+    def _generate(
+        self, prompts: Sequence[str], vectors: Sequence[SteeringVector | None]
+    ) -> list[str]:
+        """Greedy texts of ``prompts``, row ``i`` steered by ``vectors[i]`` (None: not steered).
+
+        Rows of one site (unsteered rows join the first) are decoded together in length-sorted
+        batches of :data:`GENERATION_BATCH_SIZE` with one per-row :class:`hooks.Steer`: a
+        decoding step of many rows costs little more than one of few on CPU, so batching every
+        method's rows is about twice as fast as one generation per method.
+        """
+        by_site: dict[str | None, list[int]] = {}
+        for i, vector in enumerate(vectors):
+            by_site.setdefault(None if vector is None else vector.site, []).append(i)
+        if None in by_site and len(by_site) > 1:
+            unsteered = by_site.pop(None)
+            first = next(iter(by_site))
+            by_site[first] = unsteered + by_site[first]
+        tokenizer = self.pipeline.adapter.tokenizer
+        lengths = [len(tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
+        out: list[str] = [""] * len(prompts)
+        for indices in by_site.values():
+            ordered = sorted(indices, key=lambda i: (lengths[i], i))
+            for start in range(0, len(ordered), GENERATION_BATCH_SIZE):
+                chunk = ordered[start : start + GENERATION_BATCH_SIZE]
+                steered = [vectors[i] for i in chunk if vectors[i] is not None]
+                interventions = []
+                if steered:
+                    zero = replace(steered[0], vector=torch.zeros_like(steered[0].vector))
+                    row_vectors = [vectors[i] or zero for i in chunk]
+                    interventions.append(stacked_steer(row_vectors))
+                texts = generate_samples(
+                    self.model,
+                    [prompts[i] for i in chunk],
+                    *interventions,
+                    max_new_tokens=self.max_new_tokens,
+                )[0]
+                for i, text in zip(chunk, texts, strict=True):
+                    out[i] = text
+        return out
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_users(

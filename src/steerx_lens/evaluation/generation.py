@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerx_lens import hooks
-from steerx_lens.backends.base import Decoding
+from steerx_lens.backends.base import GENERATION_BATCH_SIZE, Decoding
 from steerx_lens.data.schema import HistoryItem
 from steerx_lens.text import (
     PLAIN_PROMPT_TEMPLATE,
@@ -48,6 +48,7 @@ from steerx_lens.text import (
 )
 
 __all__ = [
+    "GENERATION_BATCH_SIZE",
     "GENERIC_TASK",
     "GREEDY",
     "HISTORY_BUDGET_TOKENS",

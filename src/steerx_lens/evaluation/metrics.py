@@ -101,7 +101,8 @@ def token_nll(
             interventions.append(
                 hooks.Steer(reference.site, rows, 1.0, steer_mask, reference.model_fingerprint)
             )
-        nll = -hooks.score_tokens(model, inputs, *interventions).logp.cpu()
+        n_scored = max(1, int(response.sum(dim=1).max()))  # left-padded: responses end rows
+        nll = -hooks.score_tokens(model, inputs, *interventions, last=n_scored).logp.cpu()
         for row, index in enumerate(chunk):
             out[index] = nll[row][response[row, 1:]]
     return out
