@@ -461,15 +461,11 @@ class Experiment:
     ) -> dict[NllKey, list[Float[Tensor, " n_response"]]]:
         """All requests' per-token NLLs: one :func:`token_nll` call per site (rows of every
         user and method share forward batches, each row steered by its own vector)."""
-        by_site: dict[str | None, list[NllKey]] = {}
-        for key, (_, vectors) in requests.items():
-            site = next((v.site for v in vectors if v is not None), None)
-            by_site.setdefault(site, []).append(key)
-        if None in by_site and len(by_site) > 1:  # unsteered rows join a steered call
-            unsteered = by_site.pop(None)
-            by_site[next(iter(by_site))] = unsteered + by_site[next(iter(by_site))]
+        keys_of = list(requests)
+        sites = [next((v.site for v in requests[k][1] if v is not None), None) for k in keys_of]
         result: dict[NllKey, list[Tensor]] = {}
-        for keys in by_site.values():
+        for group in _site_groups(sites):
+            keys = [keys_of[i] for i in group]
             texts = [text for key in keys for text in requests[key][0]]
             vectors = [vector for key in keys for vector in requests[key][1]]
             values = iter(
@@ -564,17 +560,10 @@ class Experiment:
         decoding step of many rows costs little more than one of few on CPU, so batching every
         method's rows is about twice as fast as one generation per method.
         """
-        by_site: dict[str | None, list[int]] = {}
-        for i, vector in enumerate(vectors):
-            by_site.setdefault(None if vector is None else vector.site, []).append(i)
-        if None in by_site and len(by_site) > 1:
-            unsteered = by_site.pop(None)
-            first = next(iter(by_site))
-            by_site[first] = unsteered + by_site[first]
         tokenizer = self.pipeline.adapter.tokenizer
         lengths = [len(tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
         out: list[str] = [""] * len(prompts)
-        for indices in by_site.values():
+        for indices in _site_groups([None if v is None else v.site for v in vectors]):
             ordered = sorted(indices, key=lambda i: (lengths[i], i))
             for start in range(0, len(ordered), GENERATION_BATCH_SIZE):
                 chunk = ordered[start : start + GENERATION_BATCH_SIZE]
@@ -732,6 +721,19 @@ class Experiment:
             )
             write_report(metrics, self.out, self.names, [note])
         return metrics
+
+
+def _site_groups(sites: Sequence[str | None]) -> list[list[int]]:
+    """Row indices grouped by steering site (one call per site); unsteered rows (``None``)
+    join the first steered group, or form the only one."""
+    groups: dict[str | None, list[int]] = {}
+    for i, site in enumerate(sites):
+        groups.setdefault(site, []).append(i)
+    if None in groups and len(groups) > 1:
+        unsteered = groups.pop(None)
+        first = next(iter(groups))
+        groups[first] = unsteered + groups[first]
+    return list(groups.values())
 
 
 def _difference(x: float, y: float) -> float:
