@@ -146,6 +146,8 @@ BAD_OPTIONS = [
     (["eval", "--r", "nan"], "--r"),
     (["eval", "--r", "-1"], "--r"),
     (["eval", "--alpha", "nan"], "--alpha"),
+    (["eval", "--alphas", "0,-1"], "--alphas"),
+    (["eval", "--alphas", ""], "--alphas"),
     (["fit", "--alpha", "inf"], "--alpha"),
     (["eval", "--users-per-batch", "0"], "--users-per-batch"),
     (["eval", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -354,8 +356,9 @@ def test_vector_files_are_reproducible_byte_for_byte(tmp_path: Path, tiny: Any) 
 def test_a_resumed_eval_does_not_fit_again(
     tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    users = small_users()
-    Experiment(tiny, users, tmp_path, CONFIG, generate=False, progress=False).run()
+    users = make_synthetic_users(n_users=3, n_history=5, n_heldout=1, seed=2)  # validation
+    options = {"generate": False, "progress": False, "alphas": (0.0, 0.5, 1.0)}
+    Experiment(tiny, users, tmp_path, CONFIG, **options).run()
     record = tmp_path / "users" / "synthetic-01.json"
     finished, metrics = record.read_bytes(), (tmp_path / "metrics.json").read_bytes()
     record.unlink()  # as if the run had been interrupted before this user's evaluation
@@ -365,7 +368,9 @@ def test_a_resumed_eval_does_not_fit_again(
 
     for name in ("build_population", "evidence", "vectors", "model_answers"):
         monkeypatch.setattr(SteerX, name, no_fit)
-    Experiment(tiny, users, tmp_path, CONFIG, generate=False, progress=False).run()
+    resumed = Experiment(tiny, users, tmp_path, CONFIG, **options)
+    resumed.run()
+    assert resumed.strength_choice is not None and resumed.strength_choice["methods"]
     # the re-run user's rows no longer share forward batches with other users' rows, so its
     # float32 values may differ in the last bits
     assert_same_numbers(json.loads(record.read_bytes()), json.loads(finished))
@@ -437,7 +442,7 @@ NUMBER = st.one_of(
 )
 OPTIONS = {
     "fit": ["--users", "--layer", "--alpha", "--backbone", "--describer", "--mode"],
-    "eval": ["--users", "--layer", "--alpha", "--r", "--max-history", "--users-per-batch"],
+    "eval": ["--users", "--layer", "--alpha", "--alphas", "--r", "--max-history"],
     "sweep": ["--users", "--alphas", "--rs", "--layers", "--n-validation"],
     "attribute": ["--users", "--method", "--describer", "--layer"],
 }

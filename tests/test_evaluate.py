@@ -18,8 +18,15 @@ from steerx_lens import hooks
 from steerx_lens.attribution import Span
 from steerx_lens.attribution.effects import counterfactual_users
 from steerx_lens.backends import get_adapter
-from steerx_lens.data import UserHistory, make_synthetic_users
-from steerx_lens.evaluation.cells import R_METHODS, STEERED_METHODS, Cell, read_cells
+from steerx_lens.data import UserHistory, fit_split, make_synthetic_users
+from steerx_lens.evaluation.cells import (
+    R_METHODS,
+    STEERED_METHODS,
+    Cell,
+    check_alpha_candidates,
+    choose_alpha,
+    read_cells,
+)
 from steerx_lens.evaluation.experiment import Experiment, _item_values, paired_users
 from steerx_lens.evaluation.masks import distinct_spans, planted_spans, span_masks
 from steerx_lens.evaluation.metrics import (
@@ -228,11 +235,17 @@ def test_no_heldout_or_validation_item_reaches_fitting_sweeping_masks_or_descrip
     assert seen, "the spy saw no forward passes"
     assert not any("zebraheld" in text for text in seen), "the sweep read a held-out item"
     seen.clear()
-    experiment = Experiment(tiny, users, tmp_path / "eval", CONFIG, progress=False)
+    experiment = Experiment(
+        tiny, users, tmp_path / "eval", CONFIG, progress=False, alphas=(0.0, 1.0)
+    )
     fits = experiment.fit()
     spans = distinct_spans(experiment.users)
     assert seen
     assert not any("zebraheld" in t or "quokkaval" in t for t in seen), "fit read held-out"
+    seen.clear()
+    experiment.choose_strengths(fits)
+    assert any("quokkaval" in t for t in seen), "strengths were not chosen on validation items"
+    assert not any("zebraheld" in t for t in seen), "the strength choice read a held-out item"
     for fit in fits.values():
         for fitted in fit.users.values():
             assert "zebraheld" not in (fitted.description or "")
@@ -365,3 +378,72 @@ def test_float_rounding_between_equal_methods_is_a_tie_not_evidence() -> None:
     assert [u.diffs.tolist() for u in paired_users(real, "a", "b", "nll")] == [
         pytest.approx([0.1, 1e-3])
     ] * 3
+
+
+def test_choose_alpha_takes_the_lowest_change_and_needs_a_gain_to_steer() -> None:
+    assert choose_alpha({0.0: 0.0, 0.5: -0.02, 1.0: -0.05}) == 1.0
+    assert choose_alpha({0.0: 0.0, 0.5: -0.02, 1.0: 0.01}) == 0.5
+    assert choose_alpha({0.0: 0.0, 0.5: 0.003, 1.0: 0.01}) == 0.0  # steering hurts: none
+    assert choose_alpha({0.0: 0.0, 1.0: 0.0}) == 0.0  # a tie is no gain
+    assert choose_alpha({0.5: 0.2, 1.0: float("nan")}) == 0.5
+    with pytest.raises(ValueError, match="no finite"):
+        choose_alpha({1.0: float("nan")})
+    assert check_alpha_candidates([1, 0, 0.5, 1]) == (0.0, 0.5, 1.0)
+    for bad in ([], [-0.5], [float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match="alpha"):
+            check_alpha_candidates(bad)
+
+
+def test_each_methods_strength_is_chosen_on_its_validation_items(tiny: Any, tmp_path: Path) -> None:
+    users = make_synthetic_users(n_users=3, n_history=6, n_heldout=1, seed=4)
+    experiment = Experiment(
+        tiny, users, tmp_path, CONFIG, generate=False, progress=False, alphas=(1, 0, 0.5)
+    )
+    metrics = experiment.run()
+    choice = metrics.config["strength_choice"]
+    assert choice["n_users"] == 3
+    fits = experiment.fit()
+    tokenizer = get_adapter(tiny).tokenizer
+
+    def validation_nll(user: UserHistory, vector: Any) -> float:
+        texts = [encode_for_eval(tokenizer, item) for item in fit_split(user, 2)[1]]
+        values = token_nll(tiny, texts, [vector] * len(texts))
+        return float(sum(float(v.sum()) for v in values) / sum(v.numel() for v in values))
+
+    by_hand = np.mean(
+        [
+            validation_nll(u, experiment.pipeline.method_vector(fits[1], u.user_id, "baseline", 1))
+            - validation_nll(u, None)
+            for u in users
+        ]
+    )
+    entry = choice["methods"]["baseline"]
+    assert entry["candidates"] == [0.0, 0.5, 1.0]
+    assert entry["validation_nll_change"][2] == pytest.approx(by_hand, abs=1e-4)
+    none = metrics.methods["none"]["nll"]
+    for method in STEERED_METHODS:
+        entry = choice["methods"][method]
+        changes = dict(zip(entry["candidates"], entry["validation_nll_change"], strict=True))
+        assert changes[0.0] == 0.0
+        assert entry["alpha"] == min(changes, key=lambda a: (changes[a], a))
+        assert metrics.config["cells"][method]["alpha"] == entry["alpha"]  # applied
+        if entry["alpha"] == 0:  # not applied: held-out NLL is that of no steering
+            assert metrics.methods[method]["nll"] == pytest.approx(none, abs=1e-5)
+            assert metrics.methods[method]["steering_norm"] == 0
+        else:
+            assert metrics.methods[method]["steering_norm"] > 0
+    assert "Strengths chosen on validation items" in (tmp_path / "report.md").read_text()
+
+
+def test_a_changed_validation_item_changes_the_run_key_only_when_it_chooses(
+    tiny: Any, tmp_path: Path
+) -> None:
+    users = make_synthetic_users(n_users=3, n_history=6, n_heldout=1, seed=4)
+    changed = [replace(u, history=list(u.history)) for u in users]
+    changed[0].history[-1] = replace(changed[0].history[-1], output="a different answer")
+
+    def key(population: list[UserHistory], **options: Any) -> str:
+        return Experiment(tiny, population, tmp_path, CONFIG, progress=False, **options).key
+
+    assert key(users) == key(changed)  # validation items are not read without a choice
+    assert key(users, alphas=(0, 1)) != key(changed, alphas=(0, 1))

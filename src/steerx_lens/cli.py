@@ -514,13 +514,28 @@ def evaluate(
     backbone: BackboneOption = "mean_diff",
     layer: LayerOption = None,
     alpha: Annotated[
-        float, typer.Option(help="steering strength (0: none)", callback=_finite)
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="one steering strength for every method (0: none); default: each method's "
+            "own, chosen among --alphas on validation items",
+            callback=_finite,
+        ),
+    ] = None,
+    alphas: Annotated[
+        str,
+        typer.Option(
+            help="candidate strengths each method's alpha is chosen from on validation items "
+            "(>= 0; 0 = not applied)",
+            callback=_rs,
+        ),
+    ] = "0,0.5,1",
     r: Annotated[
         float | None,
         typer.Option(help="strength of SteerX's personal part (>= 0)", callback=_non_negative),
     ] = None,
-    best: Annotated[Path | None, typer.Option(help="best.json from `steerx sweep`")] = None,
+    best: Annotated[
+        Path | None, typer.Option(help="best.json from `steerx sweep` (each method's cell)")
+    ] = None,
     generations: Annotated[bool, typer.Option(help="also score greedy generations")] = True,
     max_new_tokens: NewTokensOption = 40,
     describer: Annotated[
@@ -548,8 +563,11 @@ def evaluate(
     from steerx_lens.evaluation.experiment import Experiment
 
     check_model_options(backend, remote, model_source)
-    config = pipeline_config(layer, alpha, backbone, describer, r, max_context_tokens)
+    config = pipeline_config(
+        layer, 1.0 if alpha is None else alpha, backbone, describer, r, max_context_tokens
+    )
     cells = read_best(best) if best else None
+    candidates = _floats(alphas) if alpha is None and best is None else None
     population = load_users(data, n_users=users)
     if max_history is not None:
         population = [replace(u, history=u.history[-max_history:]) for u in population]
@@ -572,6 +590,7 @@ def evaluate(
             users_per_batch=users_per_batch,
             cells=cells,
             n_validation=n_validation,
+            alphas=candidates,
         )
         metrics = experiment.run()
     columns = ("nll", "nll_distinct", "nll_pref", "rougeL")

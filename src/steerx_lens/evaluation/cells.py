@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ STEERED_METHODS = (
 """The methods that add a vector (each has its own cell)."""
 R_METHODS = ("steerx", "decomposed_baseline", "random_swap", "description_swap")
 """The methods with a personal part of norm ``r·‖h‖``."""
+DEFAULT_ALPHA_CANDIDATES = (0.0, 0.5, 1.0)
+"""The strengths ``steerx eval`` chooses among for each method on validation items: ``0`` (no
+steering) is a candidate, so a method whose validation items say it hurts is not applied."""
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,22 @@ def read_cells(path: str | Path, defaults: Mapping[str, Cell]) -> dict[str, Cell
     except (OSError, ValueError, RecursionError) as error:
         raise ValueError(f"not a readable JSON file ({error})") from None
     return parse_cells(data, defaults)
+
+
+def check_alpha_candidates(alphas: Sequence[float]) -> tuple[float, ...]:
+    """``alphas`` sorted and deduplicated; ``ValueError`` unless they are finite, >= 0 and at
+    least one."""
+    values = tuple(sorted({_number("alpha candidates", "alpha", a, 0) for a in alphas}))
+    if not values:
+        raise ValueError("alpha candidates: give at least one strength")
+    return values
+
+
+def choose_alpha(changes: Mapping[float, float]) -> float:
+    """The strength with the lowest mean validation NLL change (``NLL(method) − NLL(none)``,
+    ``0`` at ``alpha = 0``); ties go to the weaker strength, so steering must *lower* the
+    validation NLL to be chosen over none."""
+    finite = {alpha: change for alpha, change in changes.items() if math.isfinite(change)}
+    if not finite:
+        raise ValueError("no finite validation NLL change to choose a strength from")
+    return min(finite, key=lambda alpha: (finite[alpha], abs(alpha)))

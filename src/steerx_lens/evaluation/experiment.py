@@ -17,6 +17,12 @@ never fits a user twice. Items the pipeline cannot use are skipped by the rule o
 others finish; a run with no evaluable user is a :class:`DataError`. The output folder is held
 with :func:`steerx_lens.runs.out_lock` while the run writes.
 
+Strength chosen on validation (``alphas``): each steered method's ``alpha`` is the candidate
+with the lowest mean NLL change on the users' *validation* items, ``0`` (no steering) among the
+candidates, one choice per method for the whole data set (:func:`~steerx_lens.evaluation.cells.
+choose_alpha`), made from the same fit before any held-out item is scored; ``metrics.json``
+records every candidate's validation change (``config.strength_choice``).
+
 Users are evaluated in groups (``users_per_batch``): the NLL rows of every user, method and
 other user's vector of a group share forward batches (each row steered by its own vector; one
 call per site), and the generations of every method share length-sorted batches (one per-row
@@ -47,7 +53,13 @@ from steerx_lens.attribution import AttributionConfig
 from steerx_lens.constructions import DESCRIPTION_DRIVEN
 from steerx_lens.data import DEFAULT_N_VALIDATION, HistoryItem, UserHistory, fit_split
 from steerx_lens.errors import DataError, SteerXError
-from steerx_lens.evaluation.cells import STEERED_METHODS, Cell, default_cells
+from steerx_lens.evaluation.cells import (
+    STEERED_METHODS,
+    Cell,
+    check_alpha_candidates,
+    choose_alpha,
+    default_cells,
+)
 from steerx_lens.evaluation.generation import (
     GENERATION_BATCH_SIZE,
     generate_samples,
@@ -170,6 +182,7 @@ class Experiment:
         cells: Mapping[str, Cell] | None = None,
         n_validation: int = DEFAULT_N_VALIDATION,
         max_other_users: int = 5,
+        alphas: Sequence[float] | None = None,
     ) -> None:
         if users_per_batch < 1:
             raise ValueError(f"users_per_batch must be >= 1, got {users_per_batch}")
@@ -194,14 +207,19 @@ class Experiment:
         if max_other_users < 1:
             raise ValueError(f"max_other_users must be >= 1, got {max_other_users}")
         self.max_other_users = max_other_users
+        self.alphas = None if alphas is None else check_alpha_candidates(alphas)
         self.names = user_file_names([user.user_id for user in users])
         self.skipped_items: dict[str, list[str]] = {}
         self.skipped: dict[str, str] = {}
         self.users: list[UserHistory] = []
+        self.validation: dict[str, list[HistoryItem]] = {}
         for user in users:
-            usable = self._usable(fit_split(user, n_validation)[0])
+            fit_items, validation = fit_split(user, n_validation)
+            usable = self._usable(fit_items)
             if usable.history and usable.heldout:
                 self.users.append(usable)
+                if validation and self.alphas is not None:
+                    self.validation[user.user_id] = self._usable_validation(user, validation)
             elif user.history and user.heldout:
                 self.skipped[user.user_id] = "no usable history or no usable held-out items"
             else:
@@ -212,6 +230,7 @@ class Experiment:
             "cells": {method: cell.to_json() for method, cell in self.cells.items()},
             "n_validation": n_validation,
             "max_other_users": max_other_users,
+            "alpha_candidates": None if self.alphas is None else list(self.alphas),
             "generate": generate,
             "max_new_tokens": max_new_tokens,
             "users": [u.user_id for u in self.users],
@@ -223,7 +242,11 @@ class Experiment:
         }
         data = content_key([user.to_dict() for user in self.users])
         self.fit_key = content_key({"config": fit_config, "model": model_id, "users": data})
-        self.key = content_key({"config": self.config, "model": model_id, "users": data})
+        validation = {uid: [item.to_dict() for item in v] for uid, v in self.validation.items()}
+        self.key = content_key(
+            {"config": self.config, "model": model_id, "users": data, "validation": validation}
+        )
+        self.strength_choice: dict[str, Any] | None = None
         self._fits: dict[int, FitResult] = {}
         self._evidence: dict[str, UserEvidence] = {}
 
@@ -244,6 +267,17 @@ class Experiment:
         if skipped or also:
             self.skipped_items[user.user_id] = skipped + also
         return replace(usable, heldout=heldout)
+
+    def _usable_validation(
+        self, user: UserHistory, items: Sequence[HistoryItem]
+    ) -> list[HistoryItem]:
+        """The validation items the run can score (the history items' limits)."""
+        limits = history_limits(self.pipeline)
+        tokenizer = self.pipeline.adapter.tokenizer
+        kept, skipped = screen_items(tokenizer, user.user_id, items, "validation item", limits)
+        if skipped:
+            self.skipped_items.setdefault(user.user_id, []).extend(skipped)
+        return kept
 
     # ------------------------------------------------------------------ per user
     def user_file(self, user_id: str) -> Path:
@@ -387,6 +421,81 @@ class Experiment:
         """The most recent fit items whose block fits half of ``max_context_tokens``."""
         budget = self.pipeline.config.max_context_tokens // 2
         return recent_items(self.pipeline.adapter.tokenizer, user.history, budget)
+
+    # ------------------------------------------------------------------ strength
+    @property
+    def strength_file(self) -> Path:
+        """Where the strength choice is saved: ``DIR/cache/strength-<key>.json``."""
+        return self.out / "cache" / f"strength-{self.key}.json"
+
+    def choose_strengths(self, fits: Mapping[int, FitResult] | None = None) -> dict[str, Any]:
+        """Each steered method's ``alpha`` among :attr:`alphas`, chosen on the validation items
+        (mean over users of the token-mean NLL change against no steering), applied to
+        :attr:`cells`; loaded when an earlier run with the same key saved it."""
+        assert self.alphas is not None
+        try:
+            choice = json.loads(self.strength_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            choice = self._score_strengths(fits or self.fit())
+            write_text(self.strength_file, json.dumps(choice, indent=1))
+        for method, entry in choice["methods"].items():
+            self.cells[method] = replace(self.cells[method], alpha=float(entry["alpha"]))
+        self.strength_choice = choice
+        return choice
+
+    def _score_strengths(self, fits: Mapping[int, FitResult]) -> dict[str, Any]:
+        """Validation NLL change of every method at every candidate strength (one batched
+        :func:`token_nll` call per site) and each method's choice."""
+        assert self.alphas is not None
+        tokenizer = self.pipeline.adapter.tokenizer
+        users = [
+            uid
+            for uid in sorted(self.validation)
+            if self.validation[uid] and all(uid in fit.users for fit in fits.values())
+        ]
+        requests: NllRequests = {}
+        for uid in users:
+            texts = [encode_for_eval(tokenizer, item) for item in self.validation[uid]]
+            requests[uid, "none", None] = (texts, [None] * len(texts))
+            for method in STEERED_METHODS:
+                cell = self.cells[method]
+                for alpha in self.alphas:
+                    if alpha == 0:
+                        continue
+                    vector = self.pipeline.method_vector(
+                        fits[cell.layer], uid, method, alpha, cell.r
+                    )
+                    requests[uid, method, f"{alpha:g}"] = (texts, [vector] * len(texts))
+        nlls = self._batched_nll(requests)
+
+        def token_mean(key: NllKey) -> float:
+            values = nlls[key]
+            return float(sum(float(v.sum()) for v in values) / sum(v.numel() for v in values))
+
+        methods: dict[str, dict[str, Any]] = {}
+        for method in STEERED_METHODS if users else ():  # no validation items: cells kept
+            changes = {
+                alpha: (
+                    float(
+                        np.mean(
+                            [
+                                token_mean((uid, method, f"{alpha:g}"))
+                                - token_mean((uid, "none", None))
+                                for uid in users
+                            ]
+                        )
+                    )
+                    if alpha != 0
+                    else 0.0
+                )
+                for alpha in self.alphas
+            }
+            methods[method] = {
+                "alpha": choose_alpha(changes),
+                "candidates": list(changes),
+                "validation_nll_change": list(changes.values()),
+            }
+        return {"n_users": len(users), "methods": methods}
 
     # ------------------------------------------------------------------ methods' vectors
     def method_vector(
@@ -690,6 +799,8 @@ class Experiment:
             reused = len(records)
             todo = [u for u in self.users if u.user_id not in records]
             failures = dict(self.skipped)
+            if self.alphas is not None:
+                self.choose_strengths(self.fit() if todo else None)
             if todo:
                 fits = self.fit()
                 for fit in fits.values():
@@ -713,7 +824,12 @@ class Experiment:
             if not evaluated:
                 reasons = "; ".join(f"{uid}: {why}" for uid, why in list(failures.items())[:5])
                 raise DataError(f"no user could be evaluated ({reasons})")
-            metrics = aggregate(evaluated, self.config, failures, self.skipped_items)
+            config = {
+                **self.config,
+                "cells": {method: cell.to_json() for method, cell in self.cells.items()},
+                **({"strength_choice": self.strength_choice} if self.strength_choice else {}),
+            }
+            metrics = aggregate(evaluated, config, failures, self.skipped_items)
             write_text(self.out / METRICS_FILE, json.dumps(metrics.to_json(), indent=2))
             note = (
                 f"{reused} of {len(evaluated)} users reused from an earlier run with the same "

@@ -123,6 +123,7 @@ def write_report(
         "",
         *(f"- {note}" for note in notes),
         *([""] if notes else []),
+        *_strength_lines(config.get("strength_choice")),
     ]
     primary = metrics.primary
     if primary is not None:
@@ -214,3 +215,31 @@ def write_report(
         lines += ["", "## Items not used", ""]
         lines += [f"- {why}" for reasons in metrics.skipped_items.values() for why in reasons]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _strength_lines(choice: dict[str, Any] | None) -> list[str]:
+    """How each method's strength was chosen on validation items (nothing when it was not)."""
+    if choice is None:
+        return []
+    if not choice["methods"]:
+        return ["Strengths: no user has validation items, so every method keeps its cell.", ""]
+    rows = [
+        f"| `{method}` | "
+        + "; ".join(
+            f"α {a:g}: {c:+.4f}"
+            for a, c in zip(entry["candidates"], entry["validation_nll_change"], strict=True)
+        )
+        + f" | **{entry['alpha']:g}** |"
+        for method, entry in choice["methods"].items()
+    ]
+    return [
+        "## Strengths chosen on validation items",
+        "",
+        f"Each method's α is the candidate with the lowest mean NLL change against no steering "
+        f"on the validation items of {choice['n_users']} users (α 0: not applied).",
+        "",
+        "| method | validation NLL change per candidate | chosen α |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
