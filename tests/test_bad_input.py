@@ -139,6 +139,7 @@ BAD_OPTIONS = [
     (["attribute", "--method", "foo"], "--method"),
     (["fit", "--mode", "foo"], "--mode"),
     (["eval", "--max-history", "0"], "--max-history"),
+    (["sweep", "--max-history", "0"], "--max-history"),
     (["eval", "--max-history", "-1"], "--max-history"),
     (["fit", "--users", "0"], "--users"),
     (["fit", "--users", "-1"], "--users"),
@@ -214,6 +215,9 @@ def test_a_sweep_with_alpha_zero_runs_and_alpha_zero_changes_nothing(tmp_path: P
     sweep = user_json(tmp_path / "out", "sweep.json")
     for method in STEERED_METHODS:
         assert sweep["nll_change"][method][0][0][0] == 0.0  # alpha 0 = no steering, exactly
+    # --max-history 2 leaves no user a validation item next to 2 fit items: a one-line error
+    short = invoke(*args, "--n-validation", "1", "--max-history", "2", "--out", tmp_path / "o2")
+    assert short.exit_code == 1 and "at least 2 users" in short.output, short.output
 
 
 def test_library_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -629,6 +629,9 @@ def sweep(
     ] = "0.05,0.1,0.15,0.2",
     n_validation: Annotated[int, typer.Option(min=1, help="validation items per user")] = 2,
     max_context_tokens: ContextOption = None,
+    max_history: Annotated[
+        int | None, typer.Option(min=1, help="keep each user's last N history items")
+    ] = None,
     backbone: BackboneOption = "mean_diff",
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
@@ -636,12 +639,16 @@ def sweep(
     tiny: TinyOption = False,
 ) -> None:
     """Layer × alpha (× r) sweep on validation items; writes best.json for `steerx eval`."""
+    from dataclasses import replace
+
     from steerx_lens.data import load_users
     from steerx_lens.sweep import parse_layers, run_sweep
 
     check_model_options(backend, remote, model_source)
     layer_list = parse_layers(layers)
     population = load_users(data, n_users=users)
+    if max_history is not None:
+        population = [replace(u, history=u.history[-max_history:]) for u in population]
     with out_lock(out):
         model = load_model(backend, tiny, model_source, remote)
         config = pipeline_config(
