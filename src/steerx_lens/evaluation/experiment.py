@@ -472,24 +472,19 @@ class Experiment:
             values = nlls[key]
             return float(sum(float(v.sum()) for v in values) / sum(v.numel() for v in values))
 
+        def mean_change(method: str, alpha: float) -> float:
+            """Mean over users of NLL(method at alpha) − NLL(none); 0 at alpha = 0."""
+            if alpha == 0:
+                return 0.0
+            label = f"{alpha:g}"
+            per_user = [
+                token_mean((uid, method, label)) - token_mean((uid, "none", None)) for uid in users
+            ]
+            return float(np.mean(per_user))
+
         methods: dict[str, dict[str, Any]] = {}
         for method in STEERED_METHODS if users else ():  # no validation items: cells kept
-            changes = {
-                alpha: (
-                    float(
-                        np.mean(
-                            [
-                                token_mean((uid, method, f"{alpha:g}"))
-                                - token_mean((uid, "none", None))
-                                for uid in users
-                            ]
-                        )
-                    )
-                    if alpha != 0
-                    else 0.0
-                )
-                for alpha in self.alphas
-            }
+            changes = {alpha: mean_change(method, alpha) for alpha in self.alphas}
             methods[method] = {
                 "alpha": choose_alpha(changes),
                 "candidates": list(changes),
