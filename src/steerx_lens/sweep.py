@@ -11,9 +11,10 @@ is not judged at a cell chosen for SteerX; ``best.json`` records one cell per me
 Cost: the per-user evidence (attribution, the model's answers, minimal pairs) does not depend on
 the layer and is computed once; at each layer the cells of every method, strength and ``r`` are
 scored in one batched :func:`~steerx_lens.evaluation.metrics.token_nll` call, each row steered by
-its own vector, with the shared prompt prefix cached below the steering layer where the backend
-allows it. Sign-flip check: each method's best cell is also scored at ``−alpha``; steering that
-helps at ``+alpha`` should hurt at ``−alpha``.
+its own vector. Every cell still costs one forward pass of its rows (the layers below the
+steering site are not shared between cells; see docs/benchmarks.md). Sign-flip check: each
+method's best cell is also scored at ``−alpha``; steering that helps at ``+alpha`` should hurt
+at ``−alpha``.
 """
 
 from __future__ import annotations
