@@ -27,6 +27,7 @@ from steerx_lens.atomic import write_text
 from steerx_lens.backends import REGISTRY, get_adapter
 from steerx_lens.demo import DEMO_PROMPTS, chat_prompts, contrast_vector
 from steerx_lens.errors import DataError, SteerXError
+from steerx_lens.evaluation.cells import DEFAULT_ALPHA_CANDIDATES
 from steerx_lens.models import load_demo_model, load_model_dir, load_tiny_model
 from steerx_lens.runs import out_lock, user_file_names, write_name_index
 
@@ -528,7 +529,7 @@ def evaluate(
             "(>= 0; 0 = not applied)",
             callback=_rs,
         ),
-    ] = "0,0.5,1",
+    ] = ",".join(f"{alpha:g}" for alpha in DEFAULT_ALPHA_CANDIDATES),
     r: Annotated[
         float | None,
         typer.Option(help="strength of SteerX's personal part (>= 0)", callback=_non_negative),

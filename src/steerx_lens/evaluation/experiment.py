@@ -166,7 +166,13 @@ def _average_items(per_other: Sequence[ItemValues]) -> ItemValues:
 
 
 class Experiment:
-    """Fits users, scores every method on held-out items and writes ``DIR``."""
+    """Fits users, scores every method on held-out items and writes ``DIR``.
+
+    ``alphas``: candidate strengths each steered method's ``alpha`` is chosen from on the
+    validation items (``steerx eval`` passes
+    :data:`~steerx_lens.evaluation.cells.DEFAULT_ALPHA_CANDIDATES`); ``None`` keeps each cell's
+    ``alpha``.
+    """
 
     def __init__(
         self,
