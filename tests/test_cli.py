@@ -80,6 +80,10 @@ def test_eval_through_the_remote_path_writes_metrics(tmp_path: Path) -> None:
     assert len(metrics["per_user"]) == 3
     assert metrics["methods"]["steerx"]["nll"] is not None
     assert sorted(p.name for p in (tmp_path / "users").iterdir())[0].endswith(".json")
+    # the default protocol chooses each method's strength on validation items, remote path too
+    choice = metrics["config"]["strength_choice"]
+    assert choice["n_users"] == 3 and set(choice["methods"]) == set(metrics["config"]["cells"])
+    assert "alpha chosen on validation items (3 users)" in " ".join(result.output.split())
 
 
 def test_remote_options_are_checked(tmp_path: Path) -> None:

@@ -604,6 +604,10 @@ def evaluate(
             *(f"{values.get(k):.4f}" if values.get(k) is not None else "–" for k in columns),
         )
     Console().print(table)
+    choice = metrics.config.get("strength_choice")
+    if choice and choice["methods"]:
+        chosen = ", ".join(f"{m} {e['alpha']:g}" for m, e in choice["methods"].items())
+        console.print(f"alpha chosen on validation items ({choice['n_users']} users): {chosen}")
     if metrics.primary is not None:
         p = metrics.primary
         console.print(
