@@ -375,6 +375,12 @@ def test_a_resumed_eval_does_not_fit_again(
     resumed = Experiment(tiny, users, tmp_path, CONFIG, **options)
     resumed.run()
     assert resumed.strength_choice is not None and resumed.strength_choice["methods"]
+    saved = resumed.strength_file.read_bytes()
+    for corrupt in (b"{}", b'{"methods": {"steerx": {"alpha": 7}}}', b"\xff"):
+        resumed.strength_file.write_bytes(corrupt)  # the fit is saved: recomputed, no refit
+        again = Experiment(tiny, users, tmp_path, CONFIG, **options)
+        assert again.choose_strengths() == json.loads(saved)
+        assert resumed.strength_file.read_bytes() == saved
     # the re-run user's rows no longer share forward batches with other users' rows, so its
     # float32 values may differ in the last bits
     assert_same_numbers(json.loads(record.read_bytes()), json.loads(finished))

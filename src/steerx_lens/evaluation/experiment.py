@@ -439,14 +439,28 @@ class Experiment:
         (mean over users of the token-mean NLL change against no steering), applied to
         :attr:`cells`; loaded when an earlier run with the same key saved it."""
         assert self.alphas is not None
-        try:
-            choice = json.loads(self.strength_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        choice = self._saved_strengths()
+        if choice is None:
             choice = self._score_strengths(fits or self.fit())
             write_text(self.strength_file, json.dumps(choice, indent=1))
         for method, entry in choice["methods"].items():
             self.cells[method] = replace(self.cells[method], alpha=float(entry["alpha"]))
         self.strength_choice = choice
+        return choice
+
+    def _saved_strengths(self) -> dict[str, Any] | None:
+        """The choice an earlier run saved, or None when there is none or it is unreadable or
+        malformed (then it is computed again)."""
+        assert self.alphas is not None
+        try:
+            choice = json.loads(self.strength_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        methods = choice.get("methods") if isinstance(choice, dict) else None
+        if not isinstance(methods, dict) or not set(methods) <= set(STEERED_METHODS):
+            return None
+        if not all(isinstance(e, dict) and e.get("alpha") in self.alphas for e in methods.values()):
+            return None
         return choice
 
     def _score_strengths(self, fits: Mapping[int, FitResult]) -> dict[str, Any]:
