@@ -49,7 +49,7 @@ from steerx_lens.data import load_users  # noqa: E402
 from steerx_lens.describe import description_quality, make_describer  # noqa: E402
 from steerx_lens.evaluation.distinct import heldout_distinct_spans  # noqa: E402
 from steerx_lens.evaluation.masks import span_masks  # noqa: E402
-from steerx_lens.evaluation.metrics import encode_for_eval, token_nll  # noqa: E402
+from steerx_lens.evaluation.metrics import encode_for_eval, pooled_nll, token_nll  # noqa: E402
 from steerx_lens.evidence import UserEvidence  # noqa: E402
 from steerx_lens.models import load_demo_model  # noqa: E402
 from steerx_lens.pipeline import (  # noqa: E402
@@ -246,7 +246,7 @@ def main() -> None:
         scores: dict[str, dict[str, dict[str, float | None]]] = {}
         for name, uid, _, ts in rows:
             values = [next(nlls) for _ in ts]
-            total = sum(float(v.sum()) for v in values) / sum(v.numel() for v in values)
+            total = pooled_nll(values)
             chosen = [v[m[: v.numel()]] for v, m in zip(values, masks[uid], strict=True)]
             count = sum(c.numel() for c in chosen)
             distinct = sum(float(c.sum()) for c in chosen) / count if count else None

@@ -37,7 +37,7 @@ from steerx_lens.data import (
     has_validation,
 )
 from steerx_lens.evaluation.cells import R_METHODS, STEERED_METHODS
-from steerx_lens.evaluation.metrics import encode_for_eval, token_nll
+from steerx_lens.evaluation.metrics import encode_for_eval, pooled_nll, token_nll
 from steerx_lens.evidence import UserEvidence
 from steerx_lens.figures import new_figure, save_png
 from steerx_lens.pipeline import FitResult, SteerX, SteerXConfig
@@ -96,7 +96,7 @@ def run_sweep(
         means = []
         for uid, _ in rows:
             nll = [next(values) for _ in texts[uid]]
-            means.append(float(sum(float(v.sum()) for v in nll) / sum(v.numel() for v in nll)))
+            means.append(pooled_nll(nll))
         return means
 
     user_ids = sorted(validation)

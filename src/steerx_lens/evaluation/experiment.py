@@ -75,6 +75,7 @@ from steerx_lens.evaluation.metrics import (
     OTHER_METHODS,
     encode_for_eval,
     item_generation_scores,
+    pooled_nll,
     preference_masks,
     token_nll,
 )
@@ -434,14 +435,14 @@ class Experiment:
         """Where the strength choice is saved: ``DIR/cache/strength-<key>.json``."""
         return self.out / "cache" / f"strength-{self.key}.json"
 
-    def choose_strengths(self, fits: Mapping[int, FitResult] | None = None) -> dict[str, Any]:
+    def choose_strengths(self) -> dict[str, Any]:
         """Each steered method's ``alpha`` among :attr:`alphas`, chosen on the validation items
         (mean over users of the token-mean NLL change against no steering), applied to
         :attr:`cells`; loaded when an earlier run with the same key saved it."""
         assert self.alphas is not None
         choice = self._saved_strengths()
         if choice is None:
-            choice = self._score_strengths(fits or self.fit())
+            choice = self._score_strengths(self.fit())  # memoised / loaded from the cache
             write_text(self.strength_file, json.dumps(choice, indent=1))
         for method, entry in choice["methods"].items():
             self.cells[method] = replace(self.cells[method], alpha=float(entry["alpha"]))
@@ -488,17 +489,14 @@ class Experiment:
                     requests[uid, method, f"{alpha:g}"] = (texts, [vector] * len(texts))
         nlls = self._batched_nll(requests)
 
-        def token_mean(key: NllKey) -> float:
-            values = nlls[key]
-            return float(sum(float(v.sum()) for v in values) / sum(v.numel() for v in values))
-
         def mean_change(method: str, alpha: float) -> float:
             """Mean over users of NLL(method at alpha) − NLL(none); 0 at alpha = 0."""
             if alpha == 0:
                 return 0.0
             label = f"{alpha:g}"
             per_user = [
-                token_mean((uid, method, label)) - token_mean((uid, "none", None)) for uid in users
+                pooled_nll(nlls[uid, method, label]) - pooled_nll(nlls[uid, "none", None])
+                for uid in users
             ]
             return float(np.mean(per_user))
 
@@ -815,7 +813,7 @@ class Experiment:
             todo = [u for u in self.users if u.user_id not in records]
             failures = dict(self.skipped)
             if self.alphas is not None:
-                self.choose_strengths(self.fit() if todo else None)
+                self.choose_strengths()
             if todo:
                 fits = self.fit()
                 for fit in fits.values():

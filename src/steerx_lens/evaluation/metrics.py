@@ -108,6 +108,11 @@ def token_nll(
     return out
 
 
+def pooled_nll(nlls: Sequence[Float[Tensor, " n"]]) -> float:
+    """The token-pooled NLL of several texts: every token of every text counts once."""
+    return float(sum(float(v.sum()) for v in nlls) / sum(v.numel() for v in nlls))
+
+
 def preference_masks(
     model: Any,
     user: UserHistory,
