@@ -1,14 +1,19 @@
-"""Cost of a sweep's cells: batched per-row vectors vs one call per (user, cell) (issue 12).
+"""Cost of a sweep's cells: one call per (user, cell) vs batched rows vs shared lower blocks
+(issue 12).
 
 On the demo model and the validation items of ``--users`` health-tweet users, one layer's
 fit is built once (its evidence reused), then every cell of every steered method
-(``--alphas`` × ``--rs`` where r applies) is scored two ways, side by side in one run:
+(``--alphas`` × ``--rs`` where r applies) is scored three ways, side by side in one run:
 
-- **naive**: one :func:`token_nll` call per (user, cell), as a loop over cells would;
+- **naive**: one :func:`token_nll` call per (user, cell), full passes, as a loop over cells
+  would;
 - **batched**: every (user, cell) row in one :func:`token_nll` call, each row steered by its
-  own vector (what :func:`steerx_lens.sweep.run_sweep` does).
+  own vector, full passes;
+- **shared**: the same call where the blocks below the steering layer run once per validation
+  text and every row starts at the layer (what :func:`steerx_lens.sweep.run_sweep` does on
+  backends that can start a pass mid-stack).
 
-Both are also expressed in units of one unsteered NLL pass over the same validation items, and
+All are also expressed in units of one unsteered NLL pass over the same validation items, and
 the numbers are checked to agree (max |Δ| over cells). Run:
 ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sweep.py [--users 6]``
 """
@@ -59,6 +64,8 @@ def main() -> None:
     token_nll(model, flat, None, batch_size=8)
     one_pass = time.perf_counter() - start
 
+    adapter = pipeline.adapter
+    adapter.can_start_mid_stack = False  # full passes for the first two ways
     start = time.perf_counter()
     naive = [token_nll(model, texts[uid], [v] * len(texts[uid]), batch_size=8) for uid, v in rows]
     naive_s = time.perf_counter() - start
@@ -69,13 +76,27 @@ def main() -> None:
     batched_flat = token_nll(model, all_texts, all_vectors, batch_size=32)
     batched_s = time.perf_counter() - start
 
+    adapter.can_start_mid_stack = True
+    start = time.perf_counter()
+    shared_flat = token_nll(model, all_texts, all_vectors, batch_size=32)
+    shared_s = time.perf_counter() - start
+
     naive_flat = [t for per_row in naive for t in per_row]
-    gap = max(float((a - b).abs().max()) for a, b in zip(naive_flat, batched_flat, strict=True))
+    gap = max(
+        float((a - b).abs().max())
+        for other in (batched_flat, shared_flat)
+        for a, b in zip(naive_flat, other, strict=True)
+    )
     print(f"users {len(fit.users)}, validation items {len(flat)}, cells {len(cells)}")
     print(f"one unsteered NLL pass: {one_pass:.1f} s")
     print(f"naive   : {naive_s:.1f} s = {naive_s / one_pass:.1f} passes")
     print(f"batched : {batched_s:.1f} s = {batched_s / one_pass:.1f} passes")
-    print(f"speed-up batched / naive: {naive_s / batched_s:.2f}x; max |ΔNLL| {gap:.2e}")
+    print(f"shared  : {shared_s:.1f} s = {shared_s / one_pass:.1f} passes")
+    print(
+        f"speed-up batched / naive {naive_s / batched_s:.2f}x, shared / naive "
+        f"{naive_s / shared_s:.2f}x, shared / batched {batched_s / shared_s:.2f}x; "
+        f"max |ΔNLL| {gap:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -269,3 +269,74 @@ def test_hf_scores_the_last_tokens_without_the_other_logits(tiny_models: dict[st
     finally:
         handle.remove()
     assert widths == [3], "the unembedding ran on the last 3 positions only"
+
+
+MID_STACK_BACKENDS = ["hf", "transformer_lens"]
+
+
+@pytest.mark.parametrize(
+    "site", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+)
+def test_a_pass_from_a_middle_block_equals_the_full_pass(
+    tiny_models: dict[str, Any], site: str
+) -> None:
+    """Scores from block 1's unsteered input, steered at a site of block 1, are a full steered
+    pass's scores (the blocks below the site cannot see the steering)."""
+    for name in MID_STACK_BACKENDS:
+        if name not in tiny_models:
+            continue
+        adapter = get_adapter(tiny_models[name])
+        assert adapter.can_start_mid_stack
+        batch = adapter.encode(PROMPTS)
+        steer = hooks.Steer(site, vector(64, rows=len(PROMPTS)), alpha=3.0)
+        residual = adapter.residual_before(batch, 1)
+        for last in (None, 4):
+            full = adapter.score_next_tokens(batch, [steer], last=last)
+            resumed = adapter.score_next_tokens_from(1, residual, batch, [steer], last=last)
+            torch.testing.assert_close(resumed.logp, full.logp, atol=1e-5, rtol=0, equal_nan=True)
+            assert resumed.top.equal(full.top)
+        steered, unsteered = (adapter.score_next_tokens(batch, i) for i in ([steer], []))
+        assert not torch.allclose(unsteered.logp, steered.logp, atol=1e-3)
+
+
+def test_a_pass_from_a_middle_block_skips_the_blocks_below(tiny_models: dict[str, Any]) -> None:
+    """The first block never runs, and the model's layer list is whole again afterwards, also
+    when the pass fails."""
+    model = tiny_models["hf"]
+    adapter = get_adapter(model)
+    batch = adapter.encode(PROMPTS)
+    residual = adapter.residual_before(batch, 1)
+    calls: list[int] = []
+    handle = adapter.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        adapter.score_next_tokens_from(1, residual, batch, [])
+        assert calls == []
+        with pytest.raises(VectorShapeError, match="residual of shape"):
+            adapter.score_next_tokens_from(1, residual[:, :-1], batch, [])
+        adapter.score_next_tokens(batch, [])
+        assert calls == [1]
+    finally:
+        handle.remove()
+    assert model.model.layers is adapter.layers and len(model.model.layers) == 2
+
+
+def test_a_pass_from_a_middle_block_refuses_what_it_cannot_do(tiny_models: dict[str, Any]) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from steerx_lens.errors import BackendError
+
+    adapter = get_adapter(tiny_models["hf"])
+    batch = adapter.encode(PROMPTS)
+    residual = adapter.residual_before(batch, 1)
+    below = hooks.Steer("blocks.0.hook_resid_post", vector(64))
+    with pytest.raises(ValueError, match="below block 1"):
+        adapter.score_next_tokens_from(1, residual, batch, [below])
+    for name in ("bridge", "nnsight"):
+        if name in tiny_models:
+            other = get_adapter(tiny_models[name])
+            assert not other.can_start_mid_stack
+            with pytest.raises(BackendError, match="cannot start a pass at a middle block"):
+                other.score_next_tokens_from(1, residual, batch, [])
+    # GPT-2 adds position embeddings to inputs_embeds: its passes must start at the embedding
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=320)).eval()
+    assert not get_adapter(gpt2, tokenizer=adapter.tokenizer).can_start_mid_stack

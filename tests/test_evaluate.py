@@ -82,6 +82,45 @@ def test_token_nll_matches_a_manual_computation(tiny: Any, users: list) -> None:
         assert torch.allclose(got, -logp[text.response_start - 1 :], atol=1e-4)
 
 
+def test_token_nll_runs_the_blocks_below_the_site_once_per_text(
+    tiny: Any, users: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Texts scored under several vectors of one layer share the blocks below it: the same
+    values as full passes, with block 0 run for 3 distinct texts, not for 12 rows."""
+    from steerx_lens.vectors import SteeringVector
+
+    adapter = get_adapter(tiny)
+    items = [users[0].heldout[0], users[1].history[0], users[0].history[1]]
+    texts = [encode_for_eval(adapter.tokenizer, item) for item in items]
+    assert len({tuple(t.input_ids) for t in texts}) == 3
+    vectors = [None] + [
+        SteeringVector(
+            torch.randn(64, generator=torch.Generator().manual_seed(seed)),
+            "blocks.1.hook_resid_post",
+            adapter.fingerprint(),
+            alpha=2.0,
+        )
+        for seed in range(3)
+    ]
+    rows = [(text, vector) for text in texts for vector in vectors]
+    block0_rows: list[int] = []
+    handle = adapter.layers[0].register_forward_hook(
+        lambda _m, args, _o: block0_rows.append(args[0].shape[0])
+    )
+    try:
+        shared = token_nll(tiny, [t for t, _ in rows], [v for _, v in rows], batch_size=4)
+        assert sum(block0_rows) == 3
+        block0_rows.clear()
+        monkeypatch.setattr(adapter, "can_start_mid_stack", False)
+        full = token_nll(tiny, [t for t, _ in rows], [v for _, v in rows], batch_size=4)
+        assert sum(block0_rows) == 12
+    finally:
+        handle.remove()
+    for got, expected in zip(shared, full, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(shared[0], shared[1], atol=1e-3), "the vectors change the NLL"
+
+
 def test_eval_writes_the_documented_schema_and_resumes(
     tiny: Any, users: list, tmp_path: Path
 ) -> None:

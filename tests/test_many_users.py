@@ -118,8 +118,9 @@ def test_rows_of_different_users_share_one_forward_call(
     generate_calls: list[tuple[list[str], tuple]] = []
     inside_nll = False
 
-    original_forward, original_nll, original_generate = (
+    original_forward, original_from, original_nll, original_generate = (
         adapter.score_next_tokens,
+        adapter.score_next_tokens_from,
         experiment_module.token_nll,
         hooks.generate,
     )
@@ -128,6 +129,12 @@ def test_rows_of_different_users_share_one_forward_call(
         if inside_nll:
             nll_forwards.append(batch.input_ids.tolist())
         return original_forward(batch, interventions, last=last)
+
+    def spy_from(layer: int, residual: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        """A scoring pass that starts at the steering block (rows sharing the blocks below)."""
+        if inside_nll:
+            nll_forwards.append(batch.input_ids.tolist())
+        return original_from(layer, residual, batch, *args, **kwargs)
 
     def spy_nll(model: Any, texts: list, *args: Any, **kwargs: Any) -> Any:
         nonlocal inside_nll
@@ -143,6 +150,7 @@ def test_rows_of_different_users_share_one_forward_call(
         return original_generate(model, inputs, *interventions, **kwargs)
 
     monkeypatch.setattr(adapter, "score_next_tokens", spy_forward)
+    monkeypatch.setattr(adapter, "score_next_tokens_from", spy_from)
     monkeypatch.setattr(experiment_module, "token_nll", spy_nll)
     monkeypatch.setattr(hooks, "generate", spy_generate)
     experiment.evaluate_users(users, fits, distinct_spans(experiment.users))

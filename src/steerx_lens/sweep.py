@@ -11,8 +11,9 @@ is not judged at a cell chosen for SteerX; ``best.json`` records one cell per me
 Cost: the per-user evidence (attribution, the model's answers, minimal pairs) does not depend on
 the layer and is computed once; at each layer the cells of every method, strength and ``r`` are
 scored in one batched :func:`~steerx_lens.evaluation.metrics.token_nll` call, each row steered by
-its own vector. Every cell still costs one forward pass of its rows (the layers below the
-steering site are not shared between cells; see docs/benchmarks.md). Sign-flip check: each
+its own vector, where the blocks below the layer run once per validation text (on backends that
+can start a pass mid-stack) and every cell pays only for the blocks from the layer up; cells at
+``alpha = 0`` are not scored (their change is 0). See docs/benchmarks.md. Sign-flip check: each
 method's best cell is also scored at ``−alpha``; steering that helps at ``+alpha`` should hurt
 at ``−alpha``.
 """
@@ -110,11 +111,14 @@ def run_sweep(
         fit = pipeline.fit_many(train, site=pipeline.config.site_at(layer), evidence=evidence)
         evidence, fits[layer], norms[layer] = fit.evidence, fit, fit.population.residual_norm
         fitted = [uid for uid in user_ids if uid in fit.users]
+        for method in SWEEP_METHODS:  # alpha 0 adds nothing: the change is 0 by definition
+            grids[method][:, li, [ai for ai, alpha in enumerate(alphas) if alpha == 0]] = 0.0
         cells = [
             (method, ri, ai)
             for method in SWEEP_METHODS
             for ri in range(len(r_axis[method]))
             for ai in range(len(alphas))
+            if alphas[ai] != 0
         ]
         rows = [
             (uid, pipeline.method_vector(fit, uid, m, alphas[ai], r_axis[m][ri]))

@@ -33,7 +33,12 @@ from steerx_lens.core import (
     parse_site,
     unknown_site,
 )
-from steerx_lens.errors import ContextLengthError, ModelMismatchError, VectorShapeError
+from steerx_lens.errors import (
+    BackendError,
+    ContextLengthError,
+    ModelMismatchError,
+    VectorShapeError,
+)
 
 
 def weights_digest(embedding: Tensor) -> str:
@@ -303,6 +308,63 @@ class ModelAdapter(ABC):
             except _AllCaptured:
                 pass
         return store
+
+    can_start_mid_stack: bool = False
+    """Whether :meth:`score_next_tokens_from` can run a pass from a middle block (hf for the
+    architectures of :data:`~steerx_lens.backends.layout.MID_STACK_MODEL_TYPES`,
+    transformer_lens); callers fall back to full passes where it cannot."""
+
+    def residual_before(self, batch: Batch, layer: int) -> Float[Tensor, "batch pos d_model"]:
+        """The unsteered input of block ``layer`` (``blocks.{layer}.hook_resid_pre``); the
+        blocks above it are not run."""
+        site = self.resolve(f"blocks.{layer}.hook_resid_pre").name
+        return self.activations(batch, [], [site])[site]
+
+    def score_next_tokens_from(
+        self,
+        layer: int,
+        residual: Float[Tensor, "batch pos d_model"],
+        batch: Batch,
+        interventions: Sequence[Intervention],
+        last: int | None = None,
+    ) -> TokenScores:
+        """:meth:`score_next_tokens` of a pass that starts at block ``layer`` from ``residual``
+        (that block's input, e.g. :meth:`residual_before`); ``batch`` gives the tokens to score
+        and the padding.
+
+        Rows that differ only at or above ``layer`` (the same text under different steering
+        vectors) share the blocks below it: computed once, not once per row. Every intervention
+        must sit in block ``layer`` or above (one below it would never run).
+        """
+        if not self.can_start_mid_stack:
+            raise BackendError(f"the {self.name} backend cannot start a pass at a middle block")
+        if residual.shape[:2] != batch.input_ids.shape or residual.shape[2] != self.d_model:
+            raise VectorShapeError(
+                f"residual of shape {tuple(residual.shape)} for a batch of "
+                f"{tuple(batch.input_ids.shape)} tokens and d_model {self.d_model}"
+            )
+        for intervention in interventions:
+            if self.resolve(intervention.site).layer < layer:
+                raise ValueError(
+                    f"{intervention.site} is below block {layer}, where this pass starts"
+                )
+        n_positions = batch.input_ids.shape[1]
+        keep = n_positions if last is None else min(last + 1, n_positions)
+        with torch.no_grad():
+            logits = self._tail_logits_from(layer, residual, batch, interventions, keep)
+            tail = next_token_scores(logits, batch.input_ids[:, -keep:])
+        return left_filled(tail, n_positions - 1) if keep < n_positions else tail
+
+    def _tail_logits_from(
+        self,
+        layer: int,
+        residual: Float[Tensor, "batch pos d_model"],
+        batch: Batch,
+        interventions: Sequence[Intervention],
+        keep: int,
+    ) -> Float[Tensor, "batch keep vocab"]:
+        """Logits of the last ``keep`` positions of a pass from block ``layer``."""
+        raise BackendError(f"the {self.name} backend cannot start a pass at a middle block")
 
 
 class _AllCaptured(Exception):

@@ -25,7 +25,7 @@ from steerx_lens.backends.base import (
     resid_mid_edit,
     seeded,
 )
-from steerx_lens.backends.layout import get_path, resolve_layout
+from steerx_lens.backends.layout import get_path, resolve_layout, starts_mid_stack
 from steerx_lens.core import Intervention, compose
 
 STACK = "transformers"
@@ -109,6 +109,7 @@ class HFAdapter(ModelAdapter):
         super().__init__(model, tokenizer)
         self.layout = resolve_layout(model)
         self.layers: nn.ModuleList = get_path(model, self.layout.layers)
+        self.can_start_mid_stack = starts_mid_stack(model)
 
     @property
     def n_layers(self) -> int:
@@ -205,6 +206,42 @@ class HFAdapter(ModelAdapter):
                 use_cache=False,
                 logits_to_keep=keep,
             ).logits
+
+    def _tail_logits_from(
+        self,
+        layer: int,
+        residual: Float[Tensor, "batch pos d_model"],
+        batch: Batch,
+        interventions: Sequence[Intervention],
+        keep: int,
+    ) -> Float[Tensor, "batch keep vocab"]:
+        """The model's own ``forward`` with ``residual`` as ``inputs_embeds`` and its layer list
+        cut to the layers from ``layer`` on (restored on exit): masks, rotary embeddings, the
+        final norm and the unembedding are the model's, and hooks on the remaining layers fire
+        as in a full pass."""
+        options = {}
+        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            options["logits_to_keep"] = keep
+        with self.apply(interventions), self._layers_from(layer):
+            logits = self.model(
+                inputs_embeds=residual,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids_for(batch.attention_mask),
+                use_cache=False,
+                **options,
+            ).logits
+        return logits[:, -keep:]
+
+    @contextmanager
+    def _layers_from(self, layer: int) -> Iterator[None]:
+        """The model's decoder-layer list holds the layers from ``layer`` on, inside the block."""
+        parent_path, _, name = self.layout.layers.rpartition(".")
+        parent = get_path(self.model, parent_path) if parent_path else self.model
+        setattr(parent, name, self.layers[layer:])
+        try:
+            yield
+        finally:
+            setattr(parent, name, self.layers)
 
     supports_sampling = True
 

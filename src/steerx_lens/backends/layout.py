@@ -44,6 +44,26 @@ LAYOUTS: dict[str, ModuleLayout] = {}
 """Layouts by HF ``config.model_type``; models of other types use :data:`DEFAULT_LAYOUT`."""
 
 
+MID_STACK_MODEL_TYPES: set[str] = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3"}
+"""``config.model_type`` of the models whose decoder passes ``inputs_embeds`` to its first layer
+unchanged (no scaling, no added position embedding), so a pass can start at block ``k`` by
+handing block ``k``'s input as ``inputs_embeds`` to the layers from ``k`` on (read from each
+model's ``forward`` in ``transformers`` 5.x). Gemma (scaled embeddings) and GPT-2 / GPT-NeoX
+(added position embeddings) are not listed: their passes always start at the embedding.
+Add a type here only after checking its ``forward``."""
+
+
+def starts_mid_stack(model: nn.Module) -> bool:
+    """Whether a pass of ``model`` can start at a middle block (see
+    :data:`MID_STACK_MODEL_TYPES`); models mixing attention types per layer (``layer_types``,
+    indexed by the layer's position in the list) cannot."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    return (
+        getattr(config, "model_type", None) in MID_STACK_MODEL_TYPES and len(set(layer_types)) <= 1
+    )
+
+
 def register_layout(model_type: str, layout: ModuleLayout) -> None:
     """Use ``layout`` for every model whose ``config.model_type`` is ``model_type``."""
     LAYOUTS[model_type] = layout

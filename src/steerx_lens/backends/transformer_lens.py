@@ -190,6 +190,7 @@ class HookedTransformerAdapter(_TLAdapterBase):
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         super().__init__(model, tokenizer)
+        self.can_start_mid_stack = model.cfg.positional_embedding_type != "shortformer"
         if patches.is_enabled("tl_weight_layout"):
             patches.relayout_weights(model)
 
@@ -221,6 +222,19 @@ class HookedTransformerAdapter(_TLAdapterBase):
     ) -> Float[Tensor, "batch pos vocab"]:
         with self.apply(interventions), torch.set_grad_enabled(grad):
             return self.model(batch.input_ids, attention_mask=batch.attention_mask)
+
+    def _tail_logits_from(
+        self,
+        layer: int,
+        residual: Float[Tensor, "batch pos d_model"],
+        batch: Batch,
+        interventions: Sequence[Intervention],
+        keep: int,
+    ) -> Float[Tensor, "batch keep vocab"]:
+        """TransformerLens's own ``start_at_layer``."""
+        with self.apply(interventions):
+            logits = self.model(residual, start_at_layer=layer, attention_mask=batch.attention_mask)
+        return logits[:, -keep:]
 
     def generate(
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int

@@ -74,11 +74,17 @@ def token_nll(
     """Per-token NLL of each text's response, each row steered by its own vector (or none).
 
     Vectors are added at the last prompt token and every response token, as in generation.
+    Where one text is scored under several vectors of one layer (the methods and strengths of
+    an evaluation or a sweep) and the backend can start a pass at a middle block
+    (:attr:`~steerx_lens.backends.base.ModelAdapter.can_start_mid_stack`), the blocks below the
+    steering site run once per distinct text and every row starts from there.
     """
     adapter = get_adapter(model)
     vectors = list(vectors) if vectors is not None else [None] * len(texts)
     if len(vectors) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(vectors)} vectors")
+    layer = _shared_prefix_layer(adapter, texts, vectors)
+    below = _residuals_before(adapter, texts, layer, batch_size) if layer is not None else {}
     out: list[Tensor] = [torch.empty(0)] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))
     for start in range(0, len(order), batch_size):
@@ -102,9 +108,62 @@ def token_nll(
                 hooks.Steer(reference.site, rows, 1.0, steer_mask, reference.model_fingerprint)
             )
         n_scored = max(1, int(response.sum(dim=1).max()))  # left-padded: responses end rows
-        nll = -hooks.score_tokens(model, inputs, *interventions, last=n_scored).logp.cpu()
+        if layer is None:
+            scores = hooks.score_tokens(model, inputs, *interventions, last=n_scored)
+        else:
+            batch = adapter.encode(inputs)
+            adapter.check_length(batch.input_ids.shape[1])
+            residual = _left_padded([below[_key(texts[i])] for i in chunk])
+            scores = adapter.score_next_tokens_from(
+                layer, residual, batch, interventions, last=n_scored
+            )
+        nll = -scores.logp.cpu()
         for row, index in enumerate(chunk):
             out[index] = nll[row][response[row, 1:]]
+    return out
+
+
+def _key(text: EncodedText) -> tuple[int, ...]:
+    return tuple(text.input_ids)
+
+
+def _shared_prefix_layer(
+    adapter: Any, texts: Sequence[EncodedText], vectors: Sequence[SteeringVector | None]
+) -> int | None:
+    """The block whose input rows with the same text can share: that of the one steering site,
+    when some text repeats and the backend can start there; None otherwise."""
+    sites = {v.site for v in vectors if v is not None}
+    if not adapter.can_start_mid_stack or len(sites) != 1:
+        return None
+    layer = adapter.resolve(sites.pop()).layer
+    if layer < 1 or len({_key(t) for t in texts}) == len(texts):
+        return None
+    return layer
+
+
+def _residuals_before(
+    adapter: Any, texts: Sequence[EncodedText], layer: int, batch_size: int
+) -> dict[tuple[int, ...], Float[Tensor, "pos d_model"]]:
+    """Block ``layer``'s unsteered input for every distinct text (its own positions only)."""
+    distinct = sorted({_key(t): t for t in texts}.values(), key=lambda t: len(t.input_ids))
+    out = {}
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
+        inputs, _, _ = pad_batch(chunk, adapter.pad_token_id)
+        residual = adapter.residual_before(adapter.encode(inputs), layer)
+        for row, text in enumerate(chunk):
+            out[_key(text)] = residual[row, residual.shape[1] - len(text.input_ids) :]
+    return out
+
+
+def _left_padded(
+    residuals: Sequence[Float[Tensor, "pos d_model"]],
+) -> Float[Tensor, "batch width d_model"]:
+    """Rows of different lengths, left-padded with zeros (padding is masked out)."""
+    width = max(r.shape[0] for r in residuals)
+    out = residuals[0].new_zeros((len(residuals), width, residuals[0].shape[1]))
+    for row, residual in enumerate(residuals):
+        out[row, width - residual.shape[0] :] = residual
     return out
 
 
