@@ -49,7 +49,7 @@ from steerx_lens.attribution import (
 )
 from steerx_lens.attribution.config import DEFAULT_K_COUNTERFACTUAL, DEFAULT_MAX_CONTEXT_TOKENS
 from steerx_lens.backbones import Backbone, Sample, get_backbone
-from steerx_lens.backbones.mean_diff import Pool, model_answers, residual_norm
+from steerx_lens.backbones.mean_diff import Pool, model_answers, residual_norm, shared_reads
 from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
 from steerx_lens.constructions import (
@@ -763,17 +763,18 @@ class SteerX:
         in ``failures`` and skipped. ``evidence`` already gathered (e.g. by a fit at another
         site) is reused; the result carries every user's evidence."""
         failures = {user.user_id: "empty history" for user in users if not user.history}
-        population = self.build_population(users, site)
-        failures.update(population.failures)
-        gathered = dict(evidence or {})
-        fitted: dict[str, UserSteering] = {}
-        for user in tqdm(population.users, desc="SteerX users", disable=not self.progress):
-            try:
-                if user.user_id not in gathered:
-                    gathered[user.user_id] = self.evidence(user, population)
-                fitted[user.user_id] = self.vectors(gathered[user.user_id], population)
-            except (SteerXError, ValueError) as error:
-                failures[user.user_id] = f"{type(error).__name__}: {error}"
+        with shared_reads(self.model):  # texts read more than once are read once
+            population = self.build_population(users, site)
+            failures.update(population.failures)
+            gathered = dict(evidence or {})
+            fitted: dict[str, UserSteering] = {}
+            for user in tqdm(population.users, desc="SteerX users", disable=not self.progress):
+                try:
+                    if user.user_id not in gathered:
+                        gathered[user.user_id] = self.evidence(user, population)
+                    fitted[user.user_id] = self.vectors(gathered[user.user_id], population)
+                except (SteerXError, ValueError) as error:
+                    failures[user.user_id] = f"{type(error).__name__}: {error}"
         return FitResult(population, fitted, failures, gathered)
 
     # ------------------------------------------------------------------ use

@@ -9,7 +9,9 @@ is not judged at a cell chosen for SteerX; ``best.json`` records one cell per me
 ``steerx eval --best`` applies each.
 
 Cost: the per-user evidence (attribution, the model's answers, minimal pairs) does not depend on
-the layer and is computed once; at each layer the cells of every method, strength and ``r`` are
+the layer and is computed once; each text's activations at every sweep layer are read in one
+pass (:func:`~steerx_lens.backbones.shared_reads`), so the fits at later layers run no forward
+pass; at each layer the cells of every method, strength and ``r`` are
 scored in one batched :func:`~steerx_lens.evaluation.metrics.token_nll` call, each row steered by
 its own vector, where the blocks below the layer run once per validation text (on backends that
 can start a pass mid-stack) and every cell pays only for the blocks from the layer up; cells at
@@ -30,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steerx_lens.atomic import write_text
+from steerx_lens.backbones import shared_reads
 from steerx_lens.data import (
     DEFAULT_N_VALIDATION,
     HistoryItem,
@@ -107,28 +110,30 @@ def run_sweep(
     norms: dict[int, float] = {}
     fits: dict[int, FitResult] = {}
     evidence: dict[str, UserEvidence] = {}
-    for li, layer in enumerate(tqdm(layers, desc="sweep layers", disable=not progress)):
-        fit = pipeline.fit_many(train, site=pipeline.config.site_at(layer), evidence=evidence)
-        evidence, fits[layer], norms[layer] = fit.evidence, fit, fit.population.residual_norm
-        fitted = [uid for uid in user_ids if uid in fit.users]
-        for method in SWEEP_METHODS:  # alpha 0 adds nothing: the change is 0 by definition
-            grids[method][:, li, [ai for ai, alpha in enumerate(alphas) if alpha == 0]] = 0.0
-        cells = [
-            (method, ri, ai)
-            for method in SWEEP_METHODS
-            for ri in range(len(r_axis[method]))
-            for ai in range(len(alphas))
-            if alphas[ai] != 0
-        ]
-        rows = [
-            (uid, pipeline.method_vector(fit, uid, m, alphas[ai], r_axis[m][ri]))
-            for m, ri, ai in cells
-            for uid in fitted
-        ]
-        values = iter(mean_nlls(rows))
-        for method, ri, ai in cells:
-            changes = [next(values) - none[uid] for uid in fitted]
-            grids[method][ri, li, ai] = float(np.mean(changes))
+    # a text's activations at every layer come from one pass (the fits at later layers reuse it)
+    with shared_reads(model, [pipeline.config.site_at(layer) for layer in layers]):
+        for li, layer in enumerate(tqdm(layers, desc="sweep layers", disable=not progress)):
+            fit = pipeline.fit_many(train, site=pipeline.config.site_at(layer), evidence=evidence)
+            evidence, fits[layer], norms[layer] = fit.evidence, fit, fit.population.residual_norm
+            fitted = [uid for uid in user_ids if uid in fit.users]
+            for method in SWEEP_METHODS:  # alpha 0 adds nothing: the change is 0 by definition
+                grids[method][:, li, [ai for ai, alpha in enumerate(alphas) if alpha == 0]] = 0.0
+            cells = [
+                (method, ri, ai)
+                for method in SWEEP_METHODS
+                for ri in range(len(r_axis[method]))
+                for ai in range(len(alphas))
+                if alphas[ai] != 0
+            ]
+            rows = [
+                (uid, pipeline.method_vector(fit, uid, m, alphas[ai], r_axis[m][ri]))
+                for m, ri, ai in cells
+                for uid in fitted
+            ]
+            values = iter(mean_nlls(rows))
+            for method, ri, ai in cells:
+                changes = [next(values) - none[uid] for uid in fitted]
+                grids[method][ri, li, ai] = float(np.mean(changes))
     best: dict[str, dict[str, Any]] = {}
     for method in SWEEP_METHODS:
         ri, li, ai = np.unravel_index(np.nanargmin(grids[method]), grids[method].shape)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from steerx_lens.backbones.base import Backbone, Sample, SampleLike
 from steerx_lens.backbones.bipo import bipo_backbone
 from steerx_lens.backbones.inputs import as_encoded, as_sample, as_samples, encode_text
-from steerx_lens.backbones.mean_diff import mean_diff_backbone
+from steerx_lens.backbones.mean_diff import mean_diff_backbone, shared_reads
 from steerx_lens.backbones.sae import sae_backbone, sae_projection
 
 BACKBONES: dict[str, Backbone] = {
@@ -49,6 +49,7 @@ def get_backbone(name: str) -> Backbone:
 
 
 __all__ = [
+    "shared_reads",
     "BACKBONES",
     "Backbone",
     "Sample",

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -32,11 +35,87 @@ from steerx_lens.backbones.base import SampleLike
 from steerx_lens.backbones.inputs import as_encoded
 from steerx_lens.backends import get_adapter
 from steerx_lens.backends.base import GENERATION_BATCH_SIZE
-from steerx_lens.text import pad_batch
+from steerx_lens.text import EncodedText, pad_batch
 
 Pool = Literal["response_mean", "last"]
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_ANSWER_TOKENS = 48
+
+
+@dataclass
+class _SharedReads:
+    """Reads kept inside a :func:`shared_reads` block, by (site, reduction, tokens, response
+    start)."""
+
+    model: Any
+    sites: tuple[str, ...]
+    values: dict[tuple[str, str, tuple[int, ...], int], Tensor] = field(default_factory=dict)
+
+
+_SHARED_READS: ContextVar[_SharedReads | None] = ContextVar("steerx_shared_reads", default=None)
+
+
+@contextmanager
+def shared_reads(model: Any, sites: Sequence[str] = ()) -> Iterator[None]:
+    """Inside the block, what :func:`pooled_activations` and :func:`residual_norm` read for a
+    text at a site is kept and reused (a fit reads many texts more than once: the baseline's
+    texts again for the construction and the split halves), and a read at one of ``sites``
+    reads all of them in the same forward pass (a sweep over layers pays one pass per text,
+    up to its highest layer, instead of one per layer). The model must not change inside the
+    block; a block opened inside another for the same model reuses the outer one."""
+    active = _SHARED_READS.get()
+    if active is not None and active.model is model:
+        yield
+        return
+    token = _SHARED_READS.set(_SharedReads(model, tuple(sites)))
+    try:
+        yield
+    finally:
+        _SHARED_READS.reset(token)
+
+
+def _reduce(
+    act: Float[Tensor, "batch pos d_model"], response: Bool[Tensor, "batch pos"], how: str
+) -> list[Tensor]:
+    """Per row: the activation pooled over the response (``response_mean``), at the last
+    token (``last``), or the norms of the response tokens (``norms``)."""
+    act = act.float().cpu()
+    if how == "last":
+        return list(act[:, -1])
+    if how == "response_mean":
+        weights = response.unsqueeze(-1).float()
+        return list((act * weights).sum(1) / weights.sum(1))
+    if how == "norms":
+        norms = act.norm(dim=-1)
+        return [norms[row][response[row]] for row in range(act.shape[0])]
+    raise ValueError(f"unknown pool {how!r}; use 'response_mean' or 'last'")
+
+
+def _site_reads(
+    model: Any, site: str, texts: Sequence[EncodedText], how: str, batch_size: int
+) -> list[Tensor]:
+    """:func:`_reduce` of the activations at ``site`` for every text, in length-sorted batches
+    (less padding); through the :func:`shared_reads` block when one is open."""
+    adapter = get_adapter(model)
+    shared = _SHARED_READS.get()
+    if shared is not None and shared.model is not model:
+        shared = None
+    sites = [site] if shared is None else [site, *(s for s in shared.sites if s != site)]
+
+    def key(text: EncodedText, at: str = site) -> tuple[str, str, tuple[int, ...], int]:
+        return (at, how, tuple(text.input_ids), text.response_start)
+
+    store = shared.values if shared is not None else {}
+    missing = list({key(t): t for t in texts if key(t) not in store}.values())
+    missing.sort(key=lambda t: len(t.input_ids))
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        inputs, response, _ = pad_batch(chunk, adapter.pad_token_id)
+        acts = hooks.activations(model, inputs, sites)
+        for at in sites:
+            for text, value in zip(chunk, _reduce(acts[at], response, how), strict=True):
+                store[key(text, at)] = value
+    return [store[key(t)] for t in texts]
 
 
 def pooled_activations(
@@ -54,23 +133,9 @@ def pooled_activations(
     texts = as_encoded(adapter.tokenizer, texts, "texts")
     if not texts:
         raise ValueError("no sequences to read activations from")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))  # less padding
-    pooled: dict[int, Tensor] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        inputs, response, _ = pad_batch([texts[i] for i in chunk], adapter.pad_token_id)
-        acts = hooks.activations(model, inputs, [site])
-        act = acts[site].float().cpu()
-        if pool == "last":
-            values = act[:, -1]
-        elif pool == "response_mean":
-            weights = response.unsqueeze(-1).float()
-            values = (act * weights).sum(1) / weights.sum(1)
-        else:
-            raise ValueError(f"unknown pool {pool!r}; use 'response_mean' or 'last'")
-        for row, index in enumerate(chunk):
-            pooled[index] = values[row]
-    return torch.stack([pooled[i] for i in range(len(texts))])
+    if pool not in ("response_mean", "last"):
+        raise ValueError(f"unknown pool {pool!r}; use 'response_mean' or 'last'")
+    return torch.stack(_site_reads(model, site, texts, pool, batch_size))
 
 
 def mean_diff_vector(
@@ -129,12 +194,7 @@ def residual_norm(
     texts = as_encoded(adapter.tokenizer, texts, "texts")
     if not texts:
         raise ValueError("no sequences to measure the residual norm on")
-    norms = []
-    for start in range(0, len(texts), batch_size):
-        inputs, response, _ = pad_batch(texts[start : start + batch_size], adapter.pad_token_id)
-        acts = hooks.activations(model, inputs, [site])
-        norms.append(acts[site].float().norm(dim=-1)[response.to(acts[site].device)].cpu())
-    return float(torch.cat(norms).median())
+    return float(torch.cat(_site_reads(model, site, texts, "norms", batch_size)).median())
 
 
 # ------------------------------------------------------------------------------ model answers ŷ

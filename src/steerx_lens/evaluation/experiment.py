@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from steerx_lens.atomic import write_bytes, write_text
 from steerx_lens.attribution import AttributionConfig
+from steerx_lens.backbones import shared_reads
 from steerx_lens.constructions import DESCRIPTION_DRIVEN
 from steerx_lens.data import DEFAULT_N_VALIDATION, HistoryItem, UserHistory, fit_split
 from steerx_lens.errors import DataError, SteerXError
@@ -419,10 +420,11 @@ class Experiment:
         fit.users[user_id].description_swap_direction = direction
 
     def fit(self) -> dict[str, FitResult]:
-        """The fits at every layer some method's cell uses."""
-        return {
-            layer: self.fit_at(layer) for layer in sorted({c.layer for c in self.cells.values()})
-        }
+        """The fits at every layer some method's cell uses (each text's activations at all of
+        them read in one pass, :func:`~steerx_lens.backbones.shared_reads`)."""
+        layers = sorted({c.layer for c in self.cells.values()})
+        with shared_reads(self.model, [self.pipeline.config.site_at(layer) for layer in layers]):
+            return {layer: self.fit_at(layer) for layer in layers}
 
     def prompt_history(self, user: UserHistory) -> list[HistoryItem]:
         """The most recent fit items whose block fits half of ``max_context_tokens``."""
