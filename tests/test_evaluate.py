@@ -86,7 +86,8 @@ def test_token_nll_runs_the_blocks_below_the_site_once_per_text(
     tiny: Any, users: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Texts scored under several vectors of one layer share the blocks below it: the same
-    values as full passes, with block 0 run for 3 distinct texts, not for 12 rows."""
+    values as full passes, with block 0 run for 3 distinct texts, not for 12 rows (a text
+    scored once takes a full pass)."""
     from steerx_lens.vectors import SteeringVector
 
     adapter = get_adapter(tiny)
@@ -102,18 +103,19 @@ def test_token_nll_runs_the_blocks_below_the_site_once_per_text(
         )
         for seed in range(3)
     ]
-    rows = [(text, vector) for text in texts for vector in vectors]
+    once = encode_for_eval(adapter.tokenizer, users[1].history[1])  # scored once: a full pass
+    rows = [(text, vector) for text in texts for vector in vectors] + [(once, vectors[1])]
     block0_rows: list[int] = []
     handle = adapter.layers[0].register_forward_hook(
         lambda _m, args, _o: block0_rows.append(args[0].shape[0])
     )
     try:
         shared = token_nll(tiny, [t for t, _ in rows], [v for _, v in rows], batch_size=4)
-        assert sum(block0_rows) == 3
+        assert sum(block0_rows) == 3 + 1
         block0_rows.clear()
         monkeypatch.setattr(adapter, "can_start_mid_stack", False)
         full = token_nll(tiny, [t for t, _ in rows], [v for _, v in rows], batch_size=4)
-        assert sum(block0_rows) == 12
+        assert sum(block0_rows) == 12 + 1
     finally:
         handle.remove()
     for got, expected in zip(shared, full, strict=True):

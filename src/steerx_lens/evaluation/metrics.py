@@ -24,6 +24,7 @@ Which tokens each NLL metric counts is :mod:`steerx_lens.evaluation.masks`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,18 +78,27 @@ def token_nll(
     Where one text is scored under several vectors of one layer (the methods and strengths of
     an evaluation or a sweep) and the backend can start a pass at a middle block
     (:attr:`~steerx_lens.backends.base.ModelAdapter.can_start_mid_stack`), the blocks below the
-    steering site run once per distinct text and every row starts from there.
+    steering site run once per repeated text and its rows start from there (texts scored once
+    take full passes).
     """
     adapter = get_adapter(model)
     vectors = list(vectors) if vectors is not None else [None] * len(texts)
     if len(vectors) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(vectors)} vectors")
     layer = _shared_prefix_layer(adapter, texts, vectors)
-    below = _residuals_before(adapter, texts, layer, batch_size) if layer is not None else {}
+    counts = Counter(_key(text) for text in texts)
+    shared = [i for i, t in enumerate(texts) if layer is not None and counts[_key(t)] > 1]
+    alone = sorted(set(range(len(texts))) - set(shared))  # full passes: nothing to share
+    below = (
+        _residuals_before(adapter, [texts[i] for i in shared], layer, batch_size) if shared else {}
+    )
     out: list[Tensor] = [torch.empty(0)] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    chunks = [
+        (chunk, start_layer)
+        for indices, start_layer in ((alone, None), (shared, layer))
+        for chunk in _length_sorted_chunks(texts, indices, batch_size)
+    ]
+    for chunk, start_layer in chunks:
         inputs, response, _ = pad_batch([texts[i] for i in chunk], adapter.pad_token_id)
         interventions = []
         chosen = [vectors[i] for i in chunk]
@@ -108,14 +118,14 @@ def token_nll(
                 hooks.Steer(reference.site, rows, 1.0, steer_mask, reference.model_fingerprint)
             )
         n_scored = max(1, int(response.sum(dim=1).max()))  # left-padded: responses end rows
-        if layer is None:
+        if start_layer is None:
             scores = hooks.score_tokens(model, inputs, *interventions, last=n_scored)
         else:
             batch = adapter.encode(inputs)
             adapter.check_length(batch.input_ids.shape[1])
             residual = _left_padded([below[_key(texts[i])] for i in chunk])
             scores = adapter.score_next_tokens_from(
-                layer, residual, batch, interventions, last=n_scored
+                start_layer, residual, batch, interventions, last=n_scored
             )
         nll = -scores.logp.cpu()
         for row, index in enumerate(chunk):
@@ -125,6 +135,14 @@ def token_nll(
 
 def _key(text: EncodedText) -> tuple[int, ...]:
     return tuple(text.input_ids)
+
+
+def _length_sorted_chunks(
+    texts: Sequence[EncodedText], indices: Sequence[int], batch_size: int
+) -> list[list[int]]:
+    """``indices`` sorted by text length (less padding), in batches of ``batch_size``."""
+    order = sorted(indices, key=lambda i: len(texts[i].input_ids))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _shared_prefix_layer(
