@@ -340,3 +340,36 @@ def test_a_pass_from_a_middle_block_refuses_what_it_cannot_do(tiny_models: dict[
     # GPT-2 adds position embeddings to inputs_embeds: its passes must start at the embedding
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=320)).eval()
     assert not get_adapter(gpt2, tokenizer=adapter.tokenizer).can_start_mid_stack
+
+
+@pytest.mark.parametrize(
+    "config_name", ["MistralConfig", "Qwen2Config", "Qwen3Config", "Olmo2Config", "Phi3Config"]
+)
+def test_every_listed_architecture_starts_mid_stack_exactly(
+    tiny_models: dict[str, Any], config_name: str
+) -> None:
+    """Each ``MID_STACK_MODEL_TYPES`` entry besides Llama (the tiny model), on a tiny random
+    model of that architecture: a steered pass from block 1 gives the full pass's scores."""
+    import transformers
+
+    from steerx_lens.backends.layout import MID_STACK_MODEL_TYPES
+
+    config = getattr(transformers, config_name)(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    assert config.model_type in MID_STACK_MODEL_TYPES
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    adapter = get_adapter(model, tokenizer=get_adapter(tiny_models["hf"]).tokenizer)
+    assert adapter.can_start_mid_stack
+    batch = adapter.encode(PROMPTS)
+    steer = hooks.Steer("blocks.1.hook_resid_post", vector(64, rows=len(PROMPTS)), alpha=3.0)
+    full = adapter.score_next_tokens(batch, [steer])
+    resumed = adapter.score_next_tokens_from(1, adapter.residual_before(batch, 1), batch, [steer])
+    torch.testing.assert_close(resumed.logp, full.logp, atol=1e-5, rtol=0)

@@ -47,10 +47,11 @@ LAYOUTS: dict[str, ModuleLayout] = {}
 MID_STACK_MODEL_TYPES: set[str] = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3"}
 """``config.model_type`` of the models whose decoder passes ``inputs_embeds`` to its first layer
 unchanged (no scaling, no added position embedding), so a pass can start at block ``k`` by
-handing block ``k``'s input as ``inputs_embeds`` to the layers from ``k`` on (read from each
-model's ``forward`` in ``transformers`` 5.x). Gemma (scaled embeddings) and GPT-2 / GPT-NeoX
-(added position embeddings) are not listed: their passes always start at the embedding.
-Add a type here only after checking its ``forward``."""
+handing block ``k``'s input as ``inputs_embeds`` to the layers from ``k`` on. Each is checked
+against full passes on a tiny random model (``tests/test_backends.py``). GPT-2 (its ``forward``
+adds position embeddings to ``inputs_embeds``) and Gemma (``transformers`` 4.x scaled them
+inside ``forward``) are not listed: their passes always start at the embedding. Add a type here
+only after checking its ``forward``."""
 
 
 def starts_mid_stack(model: nn.Module) -> bool:
