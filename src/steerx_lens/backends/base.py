@@ -281,9 +281,7 @@ class ModelAdapter(ABC):
         with torch.no_grad():
             if last is None or last >= batch.input_ids.shape[1] - 1:
                 return next_token_scores(self.forward(batch, interventions), batch.input_ids)
-            logits = self.tail_logits(batch, interventions, last + 1)
-            tail = next_token_scores(logits, batch.input_ids[:, -(last + 1) :])
-            return left_filled(tail, batch.input_ids.shape[1] - 1)
+            return tail_scores(self.tail_logits(batch, interventions, last + 1), batch.input_ids)
 
     def tail_logits(
         self, batch: Batch, interventions: Sequence[Intervention], keep: int
@@ -352,8 +350,7 @@ class ModelAdapter(ABC):
         keep = n_positions if last is None else min(last + 1, n_positions)
         with torch.no_grad():
             logits = self._tail_logits_from(layer, residual, batch, interventions, keep)
-            tail = next_token_scores(logits, batch.input_ids[:, -keep:])
-        return left_filled(tail, n_positions - 1) if keep < n_positions else tail
+            return tail_scores(logits, batch.input_ids)
 
     def _tail_logits_from(
         self,
@@ -535,6 +532,16 @@ def pad_to_length(
     if missing <= 0:
         return sequences
     return torch.cat([sequences, sequences.new_full((sequences.shape[0], missing), pad_id)], 1)
+
+
+def tail_scores(
+    logits: Float[Tensor, "batch keep vocab"], input_ids: Int[Tensor, "batch pos"]
+) -> TokenScores:
+    """Scores of the batch's own tokens from the logits of its last ``keep`` positions,
+    left-filled (:func:`left_filled`) to every position when ``keep`` is fewer."""
+    keep, n_positions = logits.shape[1], input_ids.shape[1]
+    tail = next_token_scores(logits, input_ids[:, -keep:])
+    return tail if keep == n_positions else left_filled(tail, n_positions - 1)
 
 
 def left_filled(tail: TokenScores, width: int) -> TokenScores:

@@ -85,7 +85,7 @@ def token_nll(
     vectors = list(vectors) if vectors is not None else [None] * len(texts)
     if len(vectors) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(vectors)} vectors")
-    layer = _shared_prefix_layer(adapter, texts, vectors)
+    layer = _shared_prefix_layer(adapter, vectors)
     counts = Counter(_key(text) for text in texts)
     shared = [i for i, t in enumerate(texts) if layer is not None and counts[_key(t)] > 1]
     alone = sorted(set(range(len(texts))) - set(shared))  # full passes: nothing to share
@@ -145,31 +145,27 @@ def _length_sorted_chunks(
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _shared_prefix_layer(
-    adapter: Any, texts: Sequence[EncodedText], vectors: Sequence[SteeringVector | None]
-) -> int | None:
+def _shared_prefix_layer(adapter: Any, vectors: Sequence[SteeringVector | None]) -> int | None:
     """The block whose input rows with the same text can share: that of the one steering site,
-    when some text repeats and the backend can start there; None otherwise."""
+    when the backend can start a pass there; None otherwise."""
     sites = {v.site for v in vectors if v is not None}
     if not adapter.can_start_mid_stack or len(sites) != 1:
         return None
     layer = adapter.resolve(sites.pop()).layer
-    if layer < 1 or len({_key(t) for t in texts}) == len(texts):
-        return None
-    return layer
+    return layer if layer >= 1 else None
 
 
 def _residuals_before(
     adapter: Any, texts: Sequence[EncodedText], layer: int, batch_size: int
 ) -> dict[tuple[int, ...], Float[Tensor, "pos d_model"]]:
     """Block ``layer``'s unsteered input for every distinct text (its own positions only)."""
-    distinct = sorted({_key(t): t for t in texts}.values(), key=lambda t: len(t.input_ids))
+    distinct = list({_key(t): t for t in texts}.values())
     out = {}
-    for start in range(0, len(distinct), batch_size):
-        chunk = distinct[start : start + batch_size]
-        inputs, _, _ = pad_batch(chunk, adapter.pad_token_id)
+    for chunk in _length_sorted_chunks(distinct, range(len(distinct)), batch_size):
+        inputs, _, _ = pad_batch([distinct[i] for i in chunk], adapter.pad_token_id)
         residual = adapter.residual_before(adapter.encode(inputs), layer)
-        for row, text in enumerate(chunk):
+        for row, index in enumerate(chunk):
+            text = distinct[index]
             out[_key(text)] = residual[row, residual.shape[1] - len(text.input_ids) :]
     return out
 
