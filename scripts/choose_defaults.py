@@ -59,6 +59,7 @@ from steerx_lens.pipeline import (  # noqa: E402
     _unit,
     split_half_reliability,
 )
+from steerx_lens.runs import user_file_names  # noqa: E402
 from steerx_lens.sweep import split_users  # noqa: E402
 from steerx_lens.text import encode_item  # noqa: E402
 
@@ -70,11 +71,15 @@ def gather_evidence(
     population = pipeline.build_population(train)
     write = make_describer(describer, pipeline.model)
     gathered = {}
+    names = user_file_names([user.user_id for user in population.users])
     for user in population.users:
-        path = None if cache is None else cache / f"{user.user_id}.evidence.safetensors"
+        path = None if cache is None else cache / f"{names[user.user_id]}.evidence.safetensors"
+        evidence = None
         if path is not None and path.exists():
             evidence = UserEvidence.load(path)
-        else:
+            if evidence.user.history != user.history:  # another split or data: stale
+                evidence = None
+        if evidence is None:
             evidence = pipeline.evidence(user, population)
             if path is not None:
                 evidence.save(path)
@@ -101,10 +106,13 @@ def main() -> None:
     parser.add_argument("--backbone", default="mean_diff")
     parser.add_argument("--describer", default="structured")
     parser.add_argument("--constructions", default=",".join(CONSTRUCTIONS))
+    parser.add_argument("--anchors", default="shared,baseline,shrunk")
+    parser.add_argument("--strengths", default="fixed,reliability")
     parser.add_argument("--cache", default="/tmp/steerx_choose_defaults")
     parser.add_argument("--out", default="docs/evidence/choose_defaults.json")
     args = parser.parse_args()
     rs = [float(r) for r in args.rs.split(",")]
+    strengths = args.strengths.split(",")
     model = load_demo_model()
     constructions = [c for c in args.constructions.split(",") if c in CONSTRUCTIONS]
     if args.backbone not in ("mean_diff", "sae"):
@@ -220,8 +228,10 @@ def main() -> None:
                         "shrunk": shrunk[uid],
                     }
                     for anchor, start_vector in anchors.items():
-                        for strength in ("fixed", "reliability"):
-                            if version == "other description" and strength != "fixed":
+                        if anchor not in args.anchors.split(","):
+                            continue
+                        for strength in args.strengths.split(","):
+                            if version == "other description" and strength != strengths[0]:
                                 continue
                             scale = 1.0 if strength == "fixed" else weight
                             for r in rs:
@@ -235,8 +245,8 @@ def main() -> None:
                                 if anchor == "baseline" and version == "raw":
                                     # control: the baseline at this candidate's norm
                                     own = fit.users[uid].baseline
-                                    scale = float(vector.norm()) / float(own.vector.norm())
-                                    matched = replace(own, vector=own.vector * scale)
+                                    ratio = float(vector.norm()) / float(own.vector.norm())
+                                    matched = replace(own, vector=own.vector * ratio)
                                     rows.append(
                                         (f"baseline[norm of {name}]", uid, matched, texts[uid])
                                     )

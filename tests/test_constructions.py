@@ -30,6 +30,8 @@ CONTRASTS = (
     "description_content",
     "history_contrast",
     "history_description",
+    "description_at_effects",
+    "history_at_effects",
 )
 
 
@@ -314,3 +316,22 @@ def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
     assert SteerX(tiny, SteerXConfig(layer=1, backbone="bipo")).config.construction == (
         "minimal_pairs"
     )
+
+
+def test_split_halves_keep_each_items_token_effects_with_it(prepared: tuple[Any, Any]) -> None:
+    from steerx_lens.pipeline import _halves
+
+    _, evidence = prepared
+    assert evidence.attribution.items
+    seen = 0
+    for half in _halves(evidence):
+        for effects in half.attribution.items:
+            item = half.user.history[effects.item_index]
+            whole = evidence.attribution.items[
+                [e.item_index for e in evidence.attribution.items].index(
+                    evidence.user.history.index(item)
+                )
+            ]
+            assert torch.equal(effects.token_ids, whole.token_ids)
+            seen += 1
+    assert seen == len(evidence.attribution.items)

@@ -101,3 +101,30 @@ def test_a_sweep_reads_each_text_once_for_all_its_layers(
     one = run_sweep(model, users, [1], out=tmp_path / "one", **options)
     for method, grid in one["nll_change"].items():
         assert result["nll_change"][method][0][1] == pytest.approx(grid[0][0], abs=1e-5)
+
+
+def test_pooled_positions_average_exactly_those_positions_in_a_padded_batch(model: Any) -> None:
+    from dataclasses import replace
+
+    from steerx_lens import hooks
+    from steerx_lens.backbones.inputs import as_encoded
+
+    tokenizer = get_adapter(model).tokenizer
+    texts = as_encoded(tokenizer, TEXTS, "texts")
+    first, second = texts[0], texts[1]
+    chosen = [(first.response_start - 1,), (second.response_start, len(second.input_ids) - 1), None]
+    picked = [replace(t, pooled_positions=p) for t, p in zip(texts[:3], chosen, strict=True)]
+    pooled = pooled_activations(model, SITES[1], picked)  # one left-padded batch
+    for row, (text, positions) in enumerate(zip(texts, chosen, strict=True)):
+        ids = torch.tensor([text.input_ids])
+        acts = hooks.activations(model, {"input_ids": ids}, [SITES[1]])[SITES[1]][0].float()
+        where = positions or range(text.response_start, len(text.input_ids))
+        torch.testing.assert_close(pooled[row], acts[list(where)].mean(0), atol=1e-5, rtol=0)
+    with shared_reads(model, SITES):  # a pooled-position read is not the whole-response read
+        whole = pooled_activations(model, SITES[1], texts[:1])
+        part = pooled_activations(model, SITES[1], picked[:1])
+    assert not torch.allclose(whole, part, atol=1e-4)
+    with pytest.raises(ValueError, match="pooled_positions"):
+        replace(texts[0], pooled_positions=(len(texts[0].input_ids),))
+    with pytest.raises(ValueError, match="pooled_positions"):
+        replace(texts[0], pooled_positions=())

@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING
 from jaxtyping import Float
 from torch import Tensor
 
-from steerx_lens.attribution.effects import counterfactual_users
+from steerx_lens.attribution.effects import TokenEffects, counterfactual_users
 from steerx_lens.backbones import Sample
 from steerx_lens.data import HistoryItem
 from steerx_lens.describe import EMPTY_DESCRIPTION
 from steerx_lens.errors import SteerXError
-from steerx_lens.text import build_prompt, encode_item, recent_items
+from steerx_lens.text import EncodedText, build_prompt, encode_item, recent_items
 
 if TYPE_CHECKING:
     from steerx_lens.evidence import UserEvidence
@@ -68,6 +68,8 @@ ANY_BACKBONE = ("minimal_pairs", "description_pairs")
 """Constructions that compare two *responses* and so work with every backbone."""
 DESCRIPTION_DRIVEN = (
     "description_contrast",
+    "description_at_effects",
+    "description_blend",
     "description_content",
     "history_description",
     "description_pairs",
@@ -186,6 +188,106 @@ def history_description_component(
     return None if not parts else sum(parts) / len(parts)
 
 
+def at_preference_positions(
+    tokens: EncodedText, effects: TokenEffects, threshold: float
+) -> EncodedText | None:
+    """``tokens`` pooled only at the positions that *predict* the item's preference-driven
+    tokens (patch-CE above ``threshold``): where a vector added to the residual stream raises
+    or lowers them. None when no token passes or the response tokens differ from those the
+    effects were measured on."""
+    if tokens.response_ids != effects.token_ids.tolist():
+        return None
+    chosen = (effects.effects > threshold).nonzero().flatten().tolist()
+    if not chosen:
+        return None
+    start = tokens.response_start - 1
+    return replace(tokens, pooled_positions=tuple(start + t for t in chosen))
+
+
+def _contrast_at_effects(
+    pipeline: SteerX,
+    evidence: UserEvidence,
+    site: str,
+    name: str,
+    encode_pair: Callable[[int, HistoryItem], tuple[EncodedText, EncodedText] | None],
+) -> Float[Tensor, " d_model"] | None:
+    """The backbone's contrast of ``encode_pair(index, item)`` (the same response under two
+    prompts), each side read only at the positions predicting the item's preference-driven
+    tokens (:func:`at_preference_positions`, ``swap_threshold``)."""
+    _require_activation_backbone(pipeline, name)
+    threshold = pipeline.config.swap_threshold
+    chosen, rejected = [], []
+    for effects in evidence.attribution.items:
+        item = evidence.user.history[effects.item_index]
+        pair = encode_pair(effects.item_index, item)
+        if pair is None:
+            continue
+        sides = [at_preference_positions(side, effects, threshold) for side in pair]
+        if any(side is None for side in sides):
+            continue
+        chosen.append(Sample(item, sides[0], exact_tokens=True))
+        rejected.append(Sample(item, sides[1], exact_tokens=True))
+    return pipeline.contrast(chosen, rejected, site) if chosen else None
+
+
+def description_at_effects_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The user's texts with the description in the prompt vs without it, read only where
+    the preference-driven tokens are predicted."""
+    description = user_description(evidence)
+    if description is None:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+    system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+
+    def encode_pair(index: int, item: HistoryItem) -> tuple[EncodedText, EncodedText]:
+        return encode_item(tokenizer, item, (), system), encode_item(tokenizer, item)
+
+    return _contrast_at_effects(pipeline, evidence, site, "description_at_effects", encode_pair)
+
+
+def history_at_effects_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The user's texts after their own other fit items vs after a counterfactual user's,
+    read only where the preference-driven tokens are predicted: the in-context effect of the
+    user's history restricted to the tokens it causes."""
+    user, config = evidence.user, pipeline.config
+    if len(user.history) < 2:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
+    rng = random.Random(f"{config.seed}:{user.user_id}:history_contrast")
+
+    def encode_pair(index: int, item: HistoryItem) -> tuple[EncodedText, EncodedText] | None:
+        rest = user.history[:index] + user.history[index + 1 :]
+        mine = recent_items(tokenizer, rest, CONTEXT_BUDGET)
+        theirs = recent_items(tokenizer, rng.choice(others).history, CONTEXT_BUDGET)
+        if not mine or not theirs:
+            return None
+        return encode_item(tokenizer, item, mine), encode_item(tokenizer, item, theirs)
+
+    return _contrast_at_effects(pipeline, evidence, site, "history_at_effects", encode_pair)
+
+
+def description_blend_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The mean of the unit ``description_contrast`` direction (the description's effect on
+    the whole response) and the unit ``description_at_effects`` direction (its effect where
+    the preference-driven tokens are predicted); either alone if the other is missing."""
+    parts = [
+        part / part.norm()
+        for part in (
+            description_contrast_component(pipeline, evidence, population, site),
+            description_at_effects_component(pipeline, evidence, population, site),
+        )
+        if part is not None and float(part.norm()) > 0
+    ]
+    return None if not parts else sum(parts) / len(parts)
+
+
 def described_answers(
     pipeline: SteerX, items: list[HistoryItem], description: str
 ) -> list[HistoryItem]:
@@ -216,6 +318,9 @@ CONSTRUCTIONS: dict[str, Construction] = {
     "history_contrast": history_contrast_component,
     "history_description": history_description_component,
     "description_pairs": description_pairs_component,
+    "description_at_effects": description_at_effects_component,
+    "history_at_effects": history_at_effects_component,
+    "description_blend": description_blend_component,
 }
 """Personal-direction constructions by name (extend with :func:`register_construction`)."""
 

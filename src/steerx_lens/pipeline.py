@@ -811,15 +811,20 @@ def split_half_reliability(first: Tensor | None, second: Tensor | None) -> float
 
 def _halves(evidence: UserEvidence) -> tuple[UserEvidence, UserEvidence]:
     """The user's evidence split by item parity: even-indexed and odd-indexed history items
-    (with their negatives and minimal pairs)."""
-    user, pairs = evidence.user, evidence.pairs
+    (with their negatives, minimal pairs and token effects, re-indexed into the half)."""
+    user, pairs, attribution = evidence.user, evidence.pairs, evidence.attribution
     halves = []
     for parity in (0, 1):
         keep = slice(parity, None, 2)
+        effects = [
+            replace(item, item_index=item.item_index // 2)
+            for item in attribution.items
+            if item.item_index % 2 == parity
+        ]
         halves.append(
             UserEvidence(
                 replace(user, history=user.history[keep]),
-                evidence.attribution,
+                replace(attribution, items=effects),
                 evidence.negatives[keep],
                 MinimalPairs(
                     pairs.originals[keep],

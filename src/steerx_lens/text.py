@@ -132,18 +132,30 @@ class EncodedText:
 
     ``context_start:context_stop`` are the history block's positions inside the prompt (empty
     when there is no block): the positions that attribution swaps or patches.
+    ``pooled_positions``, where set, are the positions a pooled read
+    (:func:`~steerx_lens.backbones.mean_diff.pooled_activations`, ``response_mean``) averages
+    instead of the response (e.g. the positions that predict the preference-driven tokens).
     """
 
     input_ids: list[int]
     response_start: int
     context_start: int = 0
     context_stop: int = 0
+    pooled_positions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.response_start < len(self.input_ids):
             raise ValueError(
                 f"a sequence needs a non-empty prompt and response (response_start="
                 f"{self.response_start}, length {len(self.input_ids)})"
+            )
+        if self.pooled_positions is not None and (
+            not self.pooled_positions
+            or not all(0 <= p < len(self.input_ids) for p in self.pooled_positions)
+        ):
+            raise ValueError(
+                f"pooled_positions must be a non-empty set of positions in 0..{len(self.input_ids) - 1}"
+                f", got {self.pooled_positions}"
             )
 
     @property

@@ -91,6 +91,23 @@ def _reduce(
     raise ValueError(f"unknown pool {how!r}; use 'response_mean' or 'last'")
 
 
+def _pooled_mask(
+    texts: Sequence[EncodedText], response: Bool[Tensor, "batch pos"]
+) -> Bool[Tensor, "batch pos"]:
+    """The positions each row pools: its response, or its ``pooled_positions`` where set
+    (shifted by the row's left padding)."""
+    if all(text.pooled_positions is None for text in texts):
+        return response
+    mask = response.clone()
+    width = response.shape[1]
+    for row, text in enumerate(texts):
+        if text.pooled_positions is not None:
+            offset = width - len(text.input_ids)
+            mask[row] = False
+            mask[row, [offset + p for p in text.pooled_positions]] = True
+    return mask
+
+
 def _site_reads(
     model: Any, site: str, texts: Sequence[EncodedText], how: str, batch_size: int
 ) -> list[Tensor]:
@@ -102,8 +119,8 @@ def _site_reads(
         shared = None
     sites = [site] if shared is None else [site, *(s for s in shared.sites if s != site)]
 
-    def key(text: EncodedText, at: str = site) -> tuple[str, str, tuple[int, ...], int]:
-        return (at, how, tuple(text.input_ids), text.response_start)
+    def key(text: EncodedText, at: str = site) -> tuple[object, ...]:
+        return (at, how, tuple(text.input_ids), text.response_start, text.pooled_positions)
 
     store = shared.values if shared is not None else {}
     missing = list({key(t): t for t in texts if key(t) not in store}.values())
@@ -111,6 +128,7 @@ def _site_reads(
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
         inputs, response, _ = pad_batch(chunk, adapter.pad_token_id)
+        response = _pooled_mask(chunk, response)
         acts = hooks.activations(model, inputs, sites)
         for at in sites:
             for text, value in zip(chunk, _reduce(acts[at], response, how), strict=True):
