@@ -32,6 +32,9 @@ CONTRASTS = (
     "history_description",
     "description_at_effects",
     "history_at_effects",
+    "description_blend",
+    "description_specific",
+    "description_contrast_specific",
 )
 
 
@@ -55,6 +58,9 @@ def users() -> list[UserHistory]:
 def prepared(tiny: Any, users: list[UserHistory]) -> tuple[Any, Any]:
     pipeline = SteerX(tiny, CONFIG, progress=False)
     population = pipeline.build_population(users)
+    population.descriptions = {
+        u.user_id: described(pipeline.evidence(u, population), u.user_id).description for u in users
+    }
     return population, pipeline.evidence(users[0], population)
 
 
@@ -72,12 +78,9 @@ def test_every_construction_gives_a_finite_direction_of_the_models_width(
     if construction in DESCRIPTION_DRIVEN:
         # the random tiny model finds no spans, so no description: give each user one
         population = pipeline.build_population(users)
-        fitted_users = [
-            pipeline.vectors(
-                described(pipeline.evidence(user, population), user.user_id), population
-            )
-            for user in users
-        ]
+        evidence = [described(pipeline.evidence(user, population), user.user_id) for user in users]
+        population.descriptions = {e.user_id: e.description for e in evidence}
+        fitted_users = [pipeline.vectors(e, population) for e in evidence]
     else:
         fitted_users = list(pipeline.fit_many(users).users.values())
     assert len(fitted_users) == len(users)
@@ -120,6 +123,7 @@ def described_fit(pipeline: SteerX, users: list[UserHistory]) -> FitResult:
     """A fit whose users each have a description of their own (the tiny model finds none)."""
     population = pipeline.build_population(users)
     evidence = {u.user_id: described(pipeline.evidence(u, population), u.user_id) for u in users}
+    population.descriptions = {uid: e.description for uid, e in evidence.items()}
     fitted = {uid: pipeline.vectors(e, population) for uid, e in evidence.items()}
     return FitResult(population, fitted, {}, evidence)
 
@@ -335,3 +339,21 @@ def test_split_halves_keep_each_items_token_effects_with_it(prepared: tuple[Any,
             assert torch.equal(effects.token_ids, whole.token_ids)
             seen += 1
     assert seen == len(evidence.attribution.items)
+
+
+def test_the_specific_direction_needs_and_uses_other_users_descriptions(
+    tiny: Any, prepared: tuple[Any, Any]
+) -> None:
+    population, evidence = prepared
+    pipeline = SteerX(tiny, replace(CONFIG, construction="description_specific"), progress=False)
+    mine = described(evidence, evidence.user_id)
+    with pytest.raises(SteerXError, match="other users' descriptions"):
+        pipeline.personal_component(mine, replace(population, descriptions={}), population.site)
+    component = pipeline.personal_component(mine, population, population.site)
+    assert component is not None and torch.isfinite(component).all()
+    same = {uid: mine.description for uid in population.descriptions}
+    # every other user described alike: nothing specific to contrast with
+    assert (
+        pipeline.personal_component(mine, replace(population, descriptions=same), population.site)
+        is None
+    )

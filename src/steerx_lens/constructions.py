@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -61,6 +62,9 @@ if TYPE_CHECKING:
 Construction = Callable[["SteerX", "UserEvidence", "Population", str], Tensor | None]
 DESCRIPTION_SYSTEM_TEMPLATE = "Write as this user writes. {description}"
 """The system text the description is given in (also the ``description_prompt`` control's)."""
+SPECIFIC_SHARE = 0.5
+"""Weight of the unit ``description_specific`` direction added to the unit
+``description_contrast`` one in ``description_contrast_specific``."""
 CONTEXT_BUDGET = 192
 """Tokens of history block in ``history_contrast`` prompts (the most recent items that fit)."""
 ACTIVATION_BACKBONES = ("mean_diff", "sae")
@@ -70,6 +74,8 @@ DESCRIPTION_DRIVEN = (
     "description_contrast",
     "description_at_effects",
     "description_blend",
+    "description_specific",
+    "description_contrast_specific",
     "description_content",
     "history_description",
     "description_pairs",
@@ -271,6 +277,70 @@ def history_at_effects_component(
     return _contrast_at_effects(pipeline, evidence, site, "history_at_effects", encode_pair)
 
 
+def description_specific_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The user's texts with *their* description in the prompt vs with other users'
+    descriptions (those of the counterfactual users drawn for attribution), read only where
+    the preference-driven tokens are predicted: what this description does that other
+    descriptions do not (the shift any description causes cancels)."""
+    description = user_description(evidence)
+    if description is None:
+        return None
+    user, config = evidence.user, pipeline.config
+    if not population.descriptions:
+        raise SteerXError(
+            "construction 'description_specific' contrasts the user's description with other "
+            "users' descriptions: fit with SteerX.fit_many(users) (or set "
+            "Population.descriptions)"
+        )
+    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
+    theirs = [
+        text
+        for other in others
+        if (text := population.descriptions.get(other.user_id)) and text != description
+    ]
+    if not theirs:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+    own = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+    pairs = [(own, DESCRIPTION_SYSTEM_TEMPLATE.format(description=text)) for text in theirs]
+
+    def encode_pair(
+        index: int, item: HistoryItem, mine: str, other: str
+    ) -> tuple[EncodedText, EncodedText]:
+        return encode_item(tokenizer, item, (), mine), encode_item(tokenizer, item, (), other)
+
+    parts = [
+        _contrast_at_effects(
+            pipeline,
+            evidence,
+            site,
+            "description_specific",
+            lambda index, item, mine=mine, other=other: encode_pair(index, item, mine, other),
+        )
+        for mine, other in pairs
+    ]
+    present = [part for part in parts if part is not None]
+    return None if not present else torch.stack(present).mean(0)
+
+
+def description_contrast_specific_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The unit ``description_contrast`` direction plus half the unit
+    ``description_specific`` direction (the ratio chosen on validation items): the
+    description's general effect with what is specific to this user's description."""
+    contrast = description_contrast_component(pipeline, evidence, population, site)
+    specific = description_specific_component(pipeline, evidence, population, site)
+    if contrast is None or float(contrast.norm()) == 0:
+        return None
+    direction = contrast / contrast.norm()
+    if specific is not None and float(specific.norm()) > 0:
+        direction = direction + SPECIFIC_SHARE * specific / specific.norm()
+    return direction
+
+
 def description_blend_component(
     pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
 ) -> Float[Tensor, " d_model"] | None:
@@ -321,6 +391,8 @@ CONSTRUCTIONS: dict[str, Construction] = {
     "description_at_effects": description_at_effects_component,
     "history_at_effects": history_at_effects_component,
     "description_blend": description_blend_component,
+    "description_specific": description_specific_component,
+    "description_contrast_specific": description_contrast_specific_component,
 }
 """Personal-direction constructions by name (extend with :func:`register_construction`)."""
 

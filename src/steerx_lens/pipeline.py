@@ -248,6 +248,10 @@ class Population:
     residual_norm: float
     baselines: dict[str, SteeringVector] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
+    """The users' descriptions, filled by :meth:`SteerX.fit_many` (and the evaluation) once
+    every user's evidence is gathered: what ``description_specific`` contrasts a user's own
+    description with."""
 
     @property
     def site(self) -> str:
@@ -768,10 +772,17 @@ class SteerX:
             failures.update(population.failures)
             gathered = dict(evidence or {})
             fitted: dict[str, UserSteering] = {}
-            for user in tqdm(population.users, desc="SteerX users", disable=not self.progress):
+            for user in tqdm(population.users, desc="SteerX evidence", disable=not self.progress):
                 try:
                     if user.user_id not in gathered:
                         gathered[user.user_id] = self.evidence(user, population)
+                except (SteerXError, ValueError) as error:
+                    failures[user.user_id] = f"{type(error).__name__}: {error}"
+            population.descriptions = described(gathered)
+            for user in tqdm(population.users, desc="SteerX vectors", disable=not self.progress):
+                if user.user_id not in gathered or user.user_id in failures:
+                    continue
+                try:
                     fitted[user.user_id] = self.vectors(gathered[user.user_id], population)
                 except (SteerXError, ValueError) as error:
                     failures[user.user_id] = f"{type(error).__name__}: {error}"
@@ -793,6 +804,15 @@ class SteerX:
         steer = stacked_steer(vectors, alpha)
         formatted = [build_prompt(self.adapter.tokenizer, prompt) for prompt in prompts]
         return hooks.generate(self.model, formatted, steer, max_new_tokens=max_new_tokens).texts
+
+
+def described(evidence: Mapping[str, UserEvidence]) -> dict[str, str]:
+    """The users' descriptions that have evidence behind them (:attr:`Population.descriptions`)."""
+    return {
+        uid: text
+        for uid, e in evidence.items()
+        if (text := evidenced_description(e.description)) is not None
+    }
 
 
 def _unit(vector: Tensor) -> Float[Tensor, " d_model"]:

@@ -97,6 +97,7 @@ from steerx_lens.pipeline import (
     SteerX,
     SteerXConfig,
     UserSteering,
+    described,
     stacked_steer,
 )
 from steerx_lens.runs import content_key, out_lock, user_file_names, write_name_index
@@ -394,9 +395,17 @@ class Experiment:
             self._save_population(population, folder)
         failures = dict(population.failures)
         fitted: dict[str, UserSteering] = {}
+        for user in population.users:  # every description first (description_specific)
+            try:
+                self._user_evidence(user, population)
+            except (SteerXError, ValueError) as error:
+                failures[user.user_id] = f"{type(error).__name__}: {error}"
+        population.descriptions = described(self._evidence)
         for user in tqdm(
             population.users, desc=f"users at layer {layer}", disable=not self.progress
         ):
+            if user.user_id in failures:
+                continue
             try:
                 fitted[user.user_id] = self._fit_user(user, population, folder)
             except (SteerXError, ValueError) as error:
