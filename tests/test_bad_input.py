@@ -163,6 +163,9 @@ BAD_OPTIONS = [
     (["sweep", "--layers", "5:1"], "--layers"),
     (["sweep", "--n-validation", "0"], "--n-validation"),
     (["demo", "--alpha", "nan"], "--alpha"),
+    (["eval", "--construction", "nope"], "--construction"),
+    (["fit", "--backbone", "bipo", "--construction", "description_contrast"], "--construction"),
+    (["sweep", "--construction", "nope"], "--construction"),
     (["generate", "--vector", "v", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
 ]
 

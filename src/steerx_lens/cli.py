@@ -196,6 +196,13 @@ TinyOption = Annotated[bool, typer.Option(help="use the tiny random model (smoke
 UsersOption = Annotated[int | None, typer.Option(min=1, help="only the first N users")]
 BackboneOption = Annotated[str, typer.Option(help="mean_diff | bipo | sae", callback=_backbone)]
 LayerOption = Annotated[int | None, typer.Option(min=0, help=LAYER_HELP)]
+ConstructionOption = Annotated[
+    str | None,
+    typer.Option(
+        help="SteerX's personal-direction construction (default: description_contrast for "
+        "mean_diff and sae, minimal_pairs for bipo; see docs/method.md)"
+    ),
+]
 DataOption = Annotated[str, typer.Option(help="users: a path or a built-in name", callback=_data)]
 OutOption = Annotated[Path, typer.Option(help="output folder", callback=_out)]
 Describer = Literal["structured", "template", "llm"]
@@ -372,8 +379,12 @@ def pipeline_config(
     describer: str,
     r: float | None = None,
     max_context_tokens: int | None = None,
+    construction: str | None = None,
 ) -> Any:
-    """A :class:`SteerXConfig` from CLI options (unset options keep the documented defaults)."""
+    """A :class:`SteerXConfig` from CLI options (unset options keep the documented defaults);
+    a construction the backbone cannot build is refused before any model is loaded."""
+    from steerx_lens.constructions import check_construction
+    from steerx_lens.errors import SteerXError
     from steerx_lens.pipeline import SteerXConfig
 
     changes: dict[str, Any] = {
@@ -386,6 +397,12 @@ def pipeline_config(
         changes["r"] = r
     if max_context_tokens is not None:
         changes["max_context_tokens"] = max_context_tokens
+    if construction is not None:
+        try:
+            check_construction(construction, backbone)
+        except SteerXError as error:
+            raise typer.BadParameter(str(error), param_hint="'--construction'") from None
+        changes["construction"] = construction
     return SteerXConfig(**changes)
 
 
@@ -413,6 +430,7 @@ def fit(
     out: OutOption = Path("runs/fit"),
     users: UsersOption = None,
     backbone: BackboneOption = "mean_diff",
+    construction: ConstructionOption = None,
     layer: LayerOption = None,
     alpha: Annotated[
         float, typer.Option(help="default steering strength (0: none)", callback=_finite)
@@ -434,7 +452,7 @@ def fit(
     from steerx_lens.screening import screen_history
 
     check_model_options(backend, remote, model_source)
-    config = pipeline_config(layer, alpha, backbone, describer)
+    config = pipeline_config(layer, alpha, backbone, describer, construction=construction)
     population = load_users(data)[:users]
     names = user_file_names([user.user_id for user in population])
     with out_lock(out):
@@ -513,6 +531,7 @@ def evaluate(
     out: OutOption = Path("runs/eval"),
     users: UsersOption = None,
     backbone: BackboneOption = "mean_diff",
+    construction: ConstructionOption = None,
     layer: LayerOption = None,
     alpha: Annotated[
         float | None,
@@ -565,7 +584,13 @@ def evaluate(
 
     check_model_options(backend, remote, model_source)
     config = pipeline_config(
-        layer, 1.0 if alpha is None else alpha, backbone, describer, r, max_context_tokens
+        layer,
+        1.0 if alpha is None else alpha,
+        backbone,
+        describer,
+        r,
+        max_context_tokens,
+        construction,
     )
     cells = read_best(best) if best else None
     candidates = _floats(alphas) if alpha is None and best is None else None
@@ -638,6 +663,7 @@ def sweep(
         int | None, typer.Option(min=1, help="keep each user's last N history items")
     ] = None,
     backbone: BackboneOption = "mean_diff",
+    construction: ConstructionOption = None,
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
@@ -654,11 +680,16 @@ def sweep(
     population = load_users(data, n_users=users)
     if max_history is not None:
         population = [replace(u, history=u.history[-max_history:]) for u in population]
+    config = pipeline_config(
+        layer_list[0],
+        1.0,
+        backbone,
+        "structured",
+        max_context_tokens=max_context_tokens,
+        construction=construction,
+    )
     with out_lock(out):
         model = load_model(backend, tiny, model_source, remote)
-        config = pipeline_config(
-            layer_list[0], 1.0, backbone, "structured", max_context_tokens=max_context_tokens
-        )
         result = run_sweep(
             model,
             population,

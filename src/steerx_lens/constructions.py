@@ -27,7 +27,18 @@ preference-driven tokens, that these become a description, and that the descript
 - ``"description_pairs"``: for each fit prompt, the model's greedy answer written with the
   description in the prompt (chosen) vs its plain answer ŷ (rejected), both read without the
   description: StyleVector/BiPO pairs whose only difference is what the description does to
-  the model's own writing. Any backbone.
+  the model's own writing. Any backbone;
+- ``"description_at_effects"`` / ``"history_at_effects"``: ``description_contrast`` /
+  ``history_contrast`` read only at the positions that predict the preference-driven tokens
+  (patch-CE above ``swap_threshold``), where the causal effects say the preference acts;
+- ``"description_specific"``: the user's texts with *their* description vs with other users'
+  descriptions (:attr:`~steerx_lens.pipeline.Population.descriptions`), at those positions:
+  what this description does that others do not; ``"description_contrast_specific"`` adds
+  half of it to the unit ``description_contrast`` direction; ``"description_blend"`` is the
+  mean of the unit ``description_contrast`` and ``description_at_effects`` directions.
+
+Which of them helps on validation items is measured in ``docs/method.md``; the default is
+``description_contrast`` for the activation backbones and ``minimal_pairs`` for ``bipo``.
 
 Contrast constructions compare the *same response* under two prompts, which only activation
 backbones can read: they need a backbone that pools activations (``mean_diff``, and ``sae``
