@@ -70,6 +70,15 @@ def test_fit_then_generate_with_a_saved_vector(tmp_path: Path) -> None:
     assert result.output.strip()
 
 
+def test_fit_builds_the_construction_it_is_given(tmp_path: Path) -> None:
+    out = tmp_path / "fit"
+    args = ["fit", "--tiny", "--users", "3", "--layer", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--construction", "minimal_pairs"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "fit.json").read_text())
+    assert summary["config"]["construction"] == "minimal_pairs"
+
+
 def test_eval_through_the_remote_path_writes_metrics(tmp_path: Path) -> None:
     args = ["eval", "--tiny", "--data", "synthetic", "--users", "3", "--layer", "1"]
     args += ["--no-generations", "--describer", "template", "--out", str(tmp_path)]
