@@ -162,31 +162,52 @@ def description_content_component(
     return _described_vs(pipeline, evidence, site, "description_content", instruction)
 
 
+PairEncoder = Callable[[int, HistoryItem], tuple[EncodedText, EncodedText] | None]
+"""``(item index, item) -> (chosen, rejected)`` token ids of the same response under two
+prompts, or None to skip the item."""
+
+
+def _history_pairs(pipeline: SteerX, evidence: UserEvidence, population: Population) -> PairEncoder:
+    """Item ``index`` after the user's own other fit items vs after a counterfactual user's
+    items (one drawn per item, seeded by the seed and the user's id)."""
+    user, config = evidence.user, pipeline.config
+    tokenizer = pipeline.adapter.tokenizer
+    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
+    rng = random.Random(f"{config.seed}:{user.user_id}:history_contrast")
+
+    def encode_pair(index: int, item: HistoryItem) -> tuple[EncodedText, EncodedText] | None:
+        rest = user.history[:index] + user.history[index + 1 :]
+        mine = recent_items(tokenizer, rest, CONTEXT_BUDGET)
+        theirs = recent_items(tokenizer, rng.choice(others).history, CONTEXT_BUDGET)
+        if not mine or not theirs:
+            return None
+        return encode_item(tokenizer, item, mine), encode_item(tokenizer, item, theirs)
+
+    return encode_pair
+
+
 def history_contrast_component(
     pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
 ) -> Float[Tensor, " d_model"] | None:
     """The user's texts after their own other fit items vs after a counterfactual user's."""
     _require_activation_backbone(pipeline, "history_contrast")
-    user, config = evidence.user, pipeline.config
-    if len(user.history) < 2:
+    if len(evidence.user.history) < 2:
         return None
-    tokenizer = pipeline.adapter.tokenizer
-    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
-    rng = random.Random(f"{config.seed}:{user.user_id}:history_contrast")
+    encode_pair = _history_pairs(pipeline, evidence, population)
     own, counterfactual = [], []
-    for index, item in enumerate(user.history):
-        mine = recent_items(
-            tokenizer, user.history[:index] + user.history[index + 1 :], CONTEXT_BUDGET
-        )
-        other = rng.choice(others)
-        theirs = recent_items(tokenizer, other.history, CONTEXT_BUDGET)
-        if not mine or not theirs:
-            continue
-        own.append(Sample(item, encode_item(tokenizer, item, mine), exact_tokens=True))
-        counterfactual.append(Sample(item, encode_item(tokenizer, item, theirs), exact_tokens=True))
-    if not own:
-        return None
-    return pipeline.contrast(own, counterfactual, site)
+    for index, item in enumerate(evidence.user.history):
+        pair = encode_pair(index, item)
+        if pair is not None:
+            own.append(Sample(item, pair[0], exact_tokens=True))
+            counterfactual.append(Sample(item, pair[1], exact_tokens=True))
+    return pipeline.contrast(own, counterfactual, site) if own else None
+
+
+def mean_of_units(*components: Tensor | None) -> Float[Tensor, " d_model"] | None:
+    """The mean of the unit vectors of the components that exist and are non-zero (None when
+    none does): two directions mixed with equal weight whatever their raw norms."""
+    parts = [c / c.norm() for c in components if c is not None and float(c.norm()) > 0]
+    return None if not parts else sum(parts) / len(parts)
 
 
 def history_description_component(
@@ -194,15 +215,10 @@ def history_description_component(
 ) -> Float[Tensor, " d_model"] | None:
     """The mean of the unit history and description directions (either alone if the other is
     missing)."""
-    parts = [
-        part / part.norm()
-        for part in (
-            history_contrast_component(pipeline, evidence, population, site),
-            description_contrast_component(pipeline, evidence, population, site),
-        )
-        if part is not None and float(part.norm()) > 0
-    ]
-    return None if not parts else sum(parts) / len(parts)
+    return mean_of_units(
+        history_contrast_component(pipeline, evidence, population, site),
+        description_contrast_component(pipeline, evidence, population, site),
+    )
 
 
 def at_preference_positions(
@@ -226,7 +242,7 @@ def _contrast_at_effects(
     evidence: UserEvidence,
     site: str,
     name: str,
-    encode_pair: Callable[[int, HistoryItem], tuple[EncodedText, EncodedText] | None],
+    encode_pair: PairEncoder,
 ) -> Float[Tensor, " d_model"] | None:
     """The backbone's contrast of ``encode_pair(index, item)`` (the same response under two
     prompts), each side read only at the positions predicting the item's preference-driven
@@ -270,21 +286,9 @@ def history_at_effects_component(
     """The user's texts after their own other fit items vs after a counterfactual user's,
     read only where the preference-driven tokens are predicted: the in-context effect of the
     user's history restricted to the tokens it causes."""
-    user, config = evidence.user, pipeline.config
-    if len(user.history) < 2:
+    if len(evidence.user.history) < 2:
         return None
-    tokenizer = pipeline.adapter.tokenizer
-    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
-    rng = random.Random(f"{config.seed}:{user.user_id}:history_contrast")
-
-    def encode_pair(index: int, item: HistoryItem) -> tuple[EncodedText, EncodedText] | None:
-        rest = user.history[:index] + user.history[index + 1 :]
-        mine = recent_items(tokenizer, rest, CONTEXT_BUDGET)
-        theirs = recent_items(tokenizer, rng.choice(others).history, CONTEXT_BUDGET)
-        if not mine or not theirs:
-            return None
-        return encode_item(tokenizer, item, mine), encode_item(tokenizer, item, theirs)
-
+    encode_pair = _history_pairs(pipeline, evidence, population)
     return _contrast_at_effects(pipeline, evidence, site, "history_at_effects", encode_pair)
 
 
@@ -358,15 +362,10 @@ def description_blend_component(
     """The mean of the unit ``description_contrast`` direction (the description's effect on
     the whole response) and the unit ``description_at_effects`` direction (its effect where
     the preference-driven tokens are predicted); either alone if the other is missing."""
-    parts = [
-        part / part.norm()
-        for part in (
-            description_contrast_component(pipeline, evidence, population, site),
-            description_at_effects_component(pipeline, evidence, population, site),
-        )
-        if part is not None and float(part.norm()) > 0
-    ]
-    return None if not parts else sum(parts) / len(parts)
+    return mean_of_units(
+        description_contrast_component(pipeline, evidence, population, site),
+        description_at_effects_component(pipeline, evidence, population, site),
+    )
 
 
 def described_answers(
