@@ -126,6 +126,35 @@ def minimal_pairs_component(
     return pipeline.contrast(pairs.originals, pairs.twins, site)
 
 
+PairEncoder = Callable[[int, HistoryItem], tuple[EncodedText, EncodedText] | None]
+"""``(item index, item) -> (chosen, rejected)`` token ids of the same response under two
+prompts, or None to skip the item."""
+
+
+def _system_pairs(tokenizer: object, system: str, reference: str | None) -> PairEncoder:
+    """Each item read with ``system`` as the system text vs with ``reference`` (None: the
+    chat template's default)."""
+
+    def encode_pair(index: int, item: HistoryItem) -> tuple[EncodedText, EncodedText]:
+        return encode_item(tokenizer, item, (), system), encode_item(tokenizer, item, (), reference)
+
+    return encode_pair
+
+
+def _contrast_whole(
+    pipeline: SteerX, evidence: UserEvidence, site: str, encode_pair: PairEncoder
+) -> Float[Tensor, " d_model"] | None:
+    """The backbone's contrast of ``encode_pair(index, item)`` over every history item (the
+    same response under two prompts), pooled over the whole response."""
+    chosen, rejected = [], []
+    for index, item in enumerate(evidence.user.history):
+        pair = encode_pair(index, item)
+        if pair is not None:
+            chosen.append(Sample(item, pair[0], exact_tokens=True))
+            rejected.append(Sample(item, pair[1], exact_tokens=True))
+    return pipeline.contrast(chosen, rejected, site) if chosen else None
+
+
 def _described_vs(
     pipeline: SteerX, evidence: UserEvidence, site: str, name: str, reference: str | None
 ) -> Float[Tensor, " d_model"] | None:
@@ -135,16 +164,9 @@ def _described_vs(
     description = user_description(evidence)
     if description is None:
         return None
-    tokenizer = pipeline.adapter.tokenizer
     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
-
-    def read(item: HistoryItem, system_text: str | None) -> Sample:
-        return Sample(item, encode_item(tokenizer, item, (), system_text), exact_tokens=True)
-
-    items = evidence.user.history
-    return pipeline.contrast(
-        [read(item, system) for item in items], [read(item, reference) for item in items], site
-    )
+    encode_pair = _system_pairs(pipeline.adapter.tokenizer, system, reference)
+    return _contrast_whole(pipeline, evidence, site, encode_pair)
 
 
 def description_contrast_component(
@@ -160,11 +182,6 @@ def description_content_component(
     """The user's texts with the description in the prompt vs with the instruction alone."""
     instruction = DESCRIPTION_SYSTEM_TEMPLATE.format(description="").strip()
     return _described_vs(pipeline, evidence, site, "description_content", instruction)
-
-
-PairEncoder = Callable[[int, HistoryItem], tuple[EncodedText, EncodedText] | None]
-"""``(item index, item) -> (chosen, rejected)`` token ids of the same response under two
-prompts, or None to skip the item."""
 
 
 def _history_pairs(pipeline: SteerX, evidence: UserEvidence, population: Population) -> PairEncoder:
@@ -193,14 +210,7 @@ def history_contrast_component(
     _require_activation_backbone(pipeline, "history_contrast")
     if len(evidence.user.history) < 2:
         return None
-    encode_pair = _history_pairs(pipeline, evidence, population)
-    own, counterfactual = [], []
-    for index, item in enumerate(evidence.user.history):
-        pair = encode_pair(index, item)
-        if pair is not None:
-            own.append(Sample(item, pair[0], exact_tokens=True))
-            counterfactual.append(Sample(item, pair[1], exact_tokens=True))
-    return pipeline.contrast(own, counterfactual, site) if own else None
+    return _contrast_whole(pipeline, evidence, site, _history_pairs(pipeline, evidence, population))
 
 
 def mean_of_units(*components: Tensor | None) -> Float[Tensor, " d_model"] | None:
@@ -271,12 +281,8 @@ def description_at_effects_component(
     description = user_description(evidence)
     if description is None:
         return None
-    tokenizer = pipeline.adapter.tokenizer
     system = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
-
-    def encode_pair(index: int, item: HistoryItem) -> tuple[EncodedText, EncodedText]:
-        return encode_item(tokenizer, item, (), system), encode_item(tokenizer, item)
-
+    encode_pair = _system_pairs(pipeline.adapter.tokenizer, system, None)
     return _contrast_at_effects(pipeline, evidence, site, "description_at_effects", encode_pair)
 
 
@@ -319,22 +325,15 @@ def description_specific_component(
         return None
     tokenizer = pipeline.adapter.tokenizer
     own = DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
-    pairs = [(own, DESCRIPTION_SYSTEM_TEMPLATE.format(description=text)) for text in theirs]
-
-    def encode_pair(
-        index: int, item: HistoryItem, mine: str, other: str
-    ) -> tuple[EncodedText, EncodedText]:
-        return encode_item(tokenizer, item, (), mine), encode_item(tokenizer, item, (), other)
-
     parts = [
         _contrast_at_effects(
             pipeline,
             evidence,
             site,
             "description_specific",
-            lambda index, item, mine=mine, other=other: encode_pair(index, item, mine, other),
+            _system_pairs(tokenizer, own, DESCRIPTION_SYSTEM_TEMPLATE.format(description=text)),
         )
-        for mine, other in pairs
+        for text in theirs
     ]
     present = [part for part in parts if part is not None]
     return None if not present else torch.stack(present).mean(0)

@@ -780,7 +780,7 @@ class SteerX:
                     failures[user.user_id] = f"{type(error).__name__}: {error}"
             population.descriptions = described(gathered)
             for user in tqdm(population.users, desc="SteerX vectors", disable=not self.progress):
-                if user.user_id not in gathered or user.user_id in failures:
+                if user.user_id not in gathered:
                     continue
                 try:
                     fitted[user.user_id] = self.vectors(gathered[user.user_id], population)
