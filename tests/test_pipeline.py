@@ -101,15 +101,25 @@ def test_fit_needs_a_population_and_population_round_trips(
     with pytest.raises(SteerXError, match="at least 2 users"):
         pipeline.build_population(users[:1])
     population = pipeline.build_population(users)
+    population.descriptions = {u.user_id: f"writes like {u.user_id}" for u in users}
+    population.failures = {"ghost": "no history"}
     population.save(tmp_path)
     loaded = Population.load(tmp_path, model=tiny)
     assert torch.equal(loaded.shared.vector, population.shared.vector)
     assert [u.user_id for u in loaded.users] == [u.user_id for u in users]
     assert loaded.residual_norm == population.residual_norm
+    assert loaded.descriptions == population.descriptions
+    assert loaded.failures == population.failures
+    first = users[0].user_id  # the leave-one-out shared vector survives the round trip
+    assert torch.equal(loaded.shared_for(first).vector, population.shared_for(first).vector)
+    assert not torch.equal(loaded.shared_for(first).vector, loaded.shared.vector)
     fitted = pipeline.fit(users[0], loaded)
     assert fitted.steerx.mode == "steerx"
     with pytest.raises(SteerXError, match="no saved population"):
         Population.load(tmp_path / "nothing")
+    (tmp_path / "population.json").write_text("{not json")
+    with pytest.raises(SteerXError, match="corrupt"):
+        Population.load(tmp_path)
 
 
 def test_generate_steers_each_row_with_its_own_vector(

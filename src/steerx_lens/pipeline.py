@@ -64,6 +64,7 @@ from steerx_lens.data import HistoryItem, UserHistory, read_users, save_users
 from steerx_lens.describe import describe, make_describer
 from steerx_lens.errors import SteerXError
 from steerx_lens.evidence import MinimalPairs, UserEvidence, minimal_pairs
+from steerx_lens.runs import user_file_names
 from steerx_lens.text import build_prompt, encode_item
 from steerx_lens.vectors import SteeringVector
 
@@ -273,22 +274,48 @@ class Population:
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``users.jsonl``, ``shared.safetensors`` and ``population.json`` into ``folder``."""
+        """Write the whole population into ``folder``: ``users.jsonl``, ``shared.safetensors``,
+        one ``baselines/<user>.safetensors`` per user (the leave-one-out shared vectors need
+        them) and ``population.json`` (residual norm, user order, failures, descriptions),
+        written last, so a folder with it is complete."""
         folder = Path(folder)
         save_users(self.users, folder / "users.jsonl")
         self.shared.save(folder / "shared.safetensors")
-        write_text(folder / "population.json", json.dumps({"residual_norm": self.residual_norm}))
+        names = user_file_names(list(self.baselines))
+        for uid, vector in self.baselines.items():
+            vector.save(folder / "baselines" / f"{names[uid]}.safetensors")
+        meta = {
+            "residual_norm": self.residual_norm,
+            "baselines": names,
+            "failures": self.failures,
+            "descriptions": self.descriptions,
+        }
+        write_text(folder / "population.json", json.dumps(meta))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, model: Any = None) -> Population:
-        """Read a folder written by :meth:`save`; with ``model``, check the shared vector's model."""
+        """Read a folder written by :meth:`save` (one written before baselines were saved
+        loads without them: every user then gets :attr:`shared`); with ``model``, check the
+        vectors' model. A missing or corrupt part raises a one-line :class:`SteerXError`."""
         folder = Path(folder)
         if not (folder / "population.json").exists():
             raise SteerXError(f"{folder} holds no saved population (population.json missing)")
-        meta = json.loads((folder / "population.json").read_text())
+        try:
+            meta = json.loads((folder / "population.json").read_text(encoding="utf-8"))
+            residual = float(meta["residual_norm"])
+            names = dict(meta.get("baselines", {}))
+            failures = {str(k): str(v) for k, v in dict(meta.get("failures", {})).items()}
+            descriptions = {str(k): str(v) for k, v in dict(meta.get("descriptions", {})).items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SteerXError(f"{folder / 'population.json'} is corrupt: {error}") from None
         shared = SteeringVector.load(folder / "shared.safetensors", model=model)
-        return cls(read_users(folder / "users.jsonl"), shared, float(meta["residual_norm"]))
+        baselines = {
+            uid: SteeringVector.load(folder / "baselines" / f"{name}.safetensors", model=model)
+            for uid, name in names.items()
+        }
+        users = read_users(folder / "users.jsonl")
+        return cls(users, shared, residual, baselines, failures, descriptions)
 
 
 @dataclass

@@ -310,31 +310,16 @@ class Experiment:
         """Where the fit is saved as it goes: ``DIR/cache/fit-<fit key>/``."""
         return self.out / "cache" / f"fit-{self.fit_key}"
 
-    def _load_population(self, folder: Path) -> Population | None:
-        """The population saved in ``folder`` by an earlier run with the same fit key."""
+    @staticmethod
+    def _load_population(folder: Path) -> Population | None:
+        """The population saved in ``folder`` by an earlier run with the same fit key (None
+        when there is none, it cannot be read, or it predates saved baselines: it is built
+        again)."""
         try:
-            meta = json.loads((folder / "population.json").read_text(encoding="utf-8"))
-            by_id = {user.user_id: user for user in self.users}
-            baselines = {
-                uid: SteeringVector.load(folder / f"{self.names[uid]}.baseline.safetensors")
-                for uid in meta["users"]
-            }
-            shared = SteeringVector.load(folder / "shared.safetensors")
-            users = [by_id[uid] for uid in meta["users"]]
-            return Population(users, shared, meta["residual_norm"], baselines, meta["failures"])
-        except (OSError, ValueError, KeyError, TypeError, SteerXError):
+            population = Population.load(folder)
+        except (OSError, SteerXError):
             return None
-
-    def _save_population(self, population: Population, folder: Path) -> None:
-        for uid, vector in population.baselines.items():
-            vector.save(folder / f"{self.names[uid]}.baseline.safetensors")
-        population.shared.save(folder / "shared.safetensors")
-        meta = {
-            "users": [user.user_id for user in population.users],
-            "residual_norm": population.residual_norm,
-            "failures": population.failures,
-        }
-        write_text(folder / "population.json", json.dumps(meta))  # last: marks it complete
+        return population if population.baselines else None
 
     def _user_evidence(self, user: UserHistory, population: Population) -> UserEvidence:
         """The user's evidence (layer-independent): memoised, saved, loaded when saved."""
@@ -392,7 +377,7 @@ class Experiment:
         if population is None:
             site = self.pipeline.config.site_at(layer)
             population = self.pipeline.build_population(self.users, site)
-            self._save_population(population, folder)
+            population.save(folder)
         failures = dict(population.failures)
         fitted: dict[str, UserSteering] = {}
         for user in population.users:  # every description first (description_specific)
