@@ -36,6 +36,13 @@ CONTRASTS = (
     "description_specific",
     "description_contrast_specific",
 )
+DISTILLED = (
+    "description_distill",
+    "description_distill_specific",
+    "history_distill",
+    "likelihood_gradient",
+    "preference_gradient",
+)
 
 
 def described(evidence: Any, user_id: str) -> Any:
@@ -68,6 +75,7 @@ def prepared(tiny: Any, users: list[UserHistory]) -> tuple[Any, Any]:
     ("construction", "backbone"),
     [("minimal_pairs", "mean_diff"), ("minimal_pairs", "bipo")]
     + [("description_pairs", "mean_diff"), ("description_pairs", "bipo")]
+    + [(c, b) for c in DISTILLED for b in ("mean_diff", "bipo")]
     + [(c, "mean_diff") for c in CONTRASTS],
 )
 def test_every_construction_gives_a_finite_direction_of_the_models_width(

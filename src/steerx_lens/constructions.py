@@ -63,6 +63,7 @@ from steerx_lens.attribution.effects import TokenEffects, counterfactual_users
 from steerx_lens.backbones import Sample
 from steerx_lens.data import HistoryItem
 from steerx_lens.describe import EMPTY_DESCRIPTION
+from steerx_lens.distill import Teachers, distillation_direction
 from steerx_lens.errors import SteerXError
 from steerx_lens.text import EncodedText, build_prompt, encode_item, recent_items
 
@@ -79,8 +80,17 @@ SPECIFIC_SHARE = 0.5
 CONTEXT_BUDGET = 192
 """Tokens of history block in ``history_contrast`` prompts (the most recent items that fit)."""
 ACTIVATION_BACKBONES = ("mean_diff", "sae")
-ANY_BACKBONE = ("minimal_pairs", "description_pairs")
-"""Constructions that compare two *responses* and so work with every backbone."""
+ANY_BACKBONE = (
+    "minimal_pairs",
+    "description_pairs",
+    "description_distill",
+    "description_distill_specific",
+    "history_distill",
+    "likelihood_gradient",
+    "preference_gradient",
+)
+"""Constructions that work with every backbone: they compare two *responses*, or take the
+model's own gradient (the ``*_distill`` and ``likelihood_gradient`` directions)."""
 DESCRIPTION_DRIVEN = (
     "description_contrast",
     "description_at_effects",
@@ -90,6 +100,8 @@ DESCRIPTION_DRIVEN = (
     "description_content",
     "history_description",
     "description_pairs",
+    "description_distill",
+    "description_distill_specific",
 )
 """Constructions whose component depends on the user's description (the ``description_swap``
 control rebuilds them from another user's description)."""
@@ -298,6 +310,26 @@ def history_at_effects_component(
     return _contrast_at_effects(pipeline, evidence, site, "history_at_effects", encode_pair)
 
 
+def _other_descriptions(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, name: str
+) -> list[str]:
+    """The descriptions of the counterfactual users drawn for attribution that differ from
+    the user's own (``population.descriptions``; a one-line error when it is empty)."""
+    if not population.descriptions:
+        raise SteerXError(
+            f"construction {name!r} contrasts the user's description with other users' "
+            "descriptions: fit with SteerX.fit_many(users) (or set Population.descriptions)"
+        )
+    user, config = evidence.user, pipeline.config
+    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
+    own = user_description(evidence)
+    return [
+        text
+        for other in others
+        if (text := population.descriptions.get(other.user_id)) and text != own
+    ]
+
+
 def description_specific_component(
     pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
 ) -> Float[Tensor, " d_model"] | None:
@@ -308,19 +340,7 @@ def description_specific_component(
     description = user_description(evidence)
     if description is None:
         return None
-    user, config = evidence.user, pipeline.config
-    if not population.descriptions:
-        raise SteerXError(
-            "construction 'description_specific' contrasts the user's description with other "
-            "users' descriptions: fit with SteerX.fit_many(users) (or set "
-            "Population.descriptions)"
-        )
-    others = counterfactual_users(user, population.users, config.k_counterfactual, config.seed)
-    theirs = [
-        text
-        for other in others
-        if (text := population.descriptions.get(other.user_id)) and text != description
-    ]
+    theirs = _other_descriptions(pipeline, evidence, population, "description_specific")
     if not theirs:
         return None
     tokenizer = pipeline.adapter.tokenizer
@@ -390,6 +410,114 @@ def description_pairs_component(
     return pipeline.contrast(chosen, list(evidence.negatives), site)
 
 
+def _distilled(
+    pipeline: SteerX,
+    evidence: UserEvidence,
+    site: str,
+    teachers: Callable[[int, HistoryItem], Teachers | None],
+) -> Float[Tensor, " d_model"] | None:
+    """The first-order distillation direction (:func:`steerx_lens.distill.distillation_direction`)
+    at ``site`` of the user's texts, read without any system text or history, toward
+    ``teachers(index, item)`` (None: the text's own tokens; an empty list skips the item)."""
+    tokenizer = pipeline.adapter.tokenizer
+    items = list(evidence.user.history)
+    targets = [teachers(index, item) for index, item in enumerate(items)]
+    kept = [i for i, target in enumerate(targets) if not _is_empty(target)]
+    if not kept:
+        return None
+    students = [encode_item(tokenizer, items[i], ()) for i in kept]
+    return distillation_direction(pipeline.adapter, site, students, [targets[i] for i in kept])
+
+
+def _is_empty(targets: Teachers) -> bool:
+    return targets is not None and not isinstance(targets, Tensor) and not targets
+
+
+def _described(tokenizer: object, item: HistoryItem, description: str) -> EncodedText:
+    return encode_item(
+        tokenizer, item, (), DESCRIPTION_SYSTEM_TEMPLATE.format(description=description)
+    )
+
+
+def description_distill_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The direction that moves the model's predictions on the user's texts toward its
+    predictions with the description in the prompt (first-order context distillation)."""
+    description = user_description(evidence)
+    if description is None:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+    return _distilled(
+        pipeline, evidence, site, lambda _, item: [(1.0, _described(tokenizer, item, description))]
+    )
+
+
+def description_distill_specific_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """As ``description_distill``, toward what the user's description makes the model predict
+    *minus* what the counterfactual users' descriptions make it predict: the shift any
+    description causes cancels, what this description says does not."""
+    description = user_description(evidence)
+    if description is None:
+        return None
+    theirs = _other_descriptions(pipeline, evidence, population, "description_distill_specific")
+    if not theirs:
+        return None
+    tokenizer = pipeline.adapter.tokenizer
+
+    def teachers(_: int, item: HistoryItem) -> Teachers:
+        own = [(1.0, _described(tokenizer, item, description))]
+        return own + [(-1.0 / len(theirs), _described(tokenizer, item, t)) for t in theirs]
+
+    return _distilled(pipeline, evidence, site, teachers)
+
+
+def history_distill_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The direction that moves the model's predictions on each of the user's texts toward its
+    predictions after the user's own other fit items (an in-context vector in output space)."""
+    user, tokenizer = evidence.user, pipeline.adapter.tokenizer
+    if len(user.history) < 2:
+        return None
+
+    def teachers(index: int, item: HistoryItem) -> Teachers:
+        rest = recent_items(
+            tokenizer, user.history[:index] + user.history[index + 1 :], CONTEXT_BUDGET
+        )
+        return [(1.0, encode_item(tokenizer, item, rest))] if rest else []
+
+    return _distilled(pipeline, evidence, site, teachers)
+
+
+def preference_gradient_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The direction that most raises the likelihood of the user's *preference-driven* tokens
+    (patch-CE above ``swap_threshold``) in their own texts: the causal effects choose which
+    tokens the vector is fitted to."""
+    threshold = pipeline.config.swap_threshold
+    weights = {
+        effects.item_index: (effects.effects > threshold).float()
+        for effects in evidence.attribution.items
+        if effects.token_ids.tolist()
+        == encode_item(
+            pipeline.adapter.tokenizer, evidence.user.history[effects.item_index]
+        ).response_ids
+    }
+    return _distilled(pipeline, evidence, site, lambda index, _: weights.get(index, []))
+
+
+def likelihood_gradient_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The direction that most raises the likelihood of the user's own texts (first order):
+    the distillation control with the texts themselves as the teacher."""
+    return _distilled(pipeline, evidence, site, lambda *_: None)
+
+
 CONSTRUCTIONS: dict[str, Construction] = {
     "minimal_pairs": minimal_pairs_component,
     "description_contrast": description_contrast_component,
@@ -402,6 +530,11 @@ CONSTRUCTIONS: dict[str, Construction] = {
     "description_blend": description_blend_component,
     "description_specific": description_specific_component,
     "description_contrast_specific": description_contrast_specific_component,
+    "description_distill": description_distill_component,
+    "description_distill_specific": description_distill_specific_component,
+    "history_distill": history_distill_component,
+    "likelihood_gradient": likelihood_gradient_component,
+    "preference_gradient": preference_gradient_component,
 }
 """Personal-direction constructions by name (extend with :func:`register_construction`)."""
 
