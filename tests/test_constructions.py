@@ -42,6 +42,7 @@ DISTILLED = (
     "history_distill",
     "likelihood_gradient",
     "preference_gradient",
+    "preference_description",
 )
 
 
@@ -364,4 +365,23 @@ def test_the_specific_direction_needs_and_uses_other_users_descriptions(
     assert (
         pipeline.personal_component(mine, replace(population, descriptions=same), population.site)
         is None
+    )
+
+
+def test_the_random_control_of_an_effect_driven_construction_shuffles_the_effects(
+    tiny: Any, prepared: tuple[Any, Any]
+) -> None:
+    population, evidence = prepared
+    pipeline = SteerX(tiny, replace(CONFIG, construction="preference_gradient"), progress=False)
+    chosen = pipeline.personal_component(evidence, population, pipeline.config.site)
+    random_direction = pipeline.random_direction(evidence, population, pipeline.config.site)
+    assert chosen is not None and random_direction is not None
+    assert float(random_direction.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(chosen / chosen.norm(), random_direction, atol=1e-3)
+    again = pipeline.random_direction(evidence, population, pipeline.config.site)
+    torch.testing.assert_close(random_direction, again)
+    minimal = SteerX(tiny, CONFIG, progress=False)  # other constructions: random minimal pairs
+    expected = minimal.personal_direction(minimal.random_swap_pairs(evidence), CONFIG.site)
+    torch.testing.assert_close(
+        minimal.random_direction(evidence, population, CONFIG.site), expected
     )

@@ -88,6 +88,7 @@ ANY_BACKBONE = (
     "history_distill",
     "likelihood_gradient",
     "preference_gradient",
+    "preference_description",
 )
 """Constructions that work with every backbone: they compare two *responses*, or take the
 model's own gradient (the ``*_distill`` and ``likelihood_gradient`` directions)."""
@@ -102,9 +103,13 @@ DESCRIPTION_DRIVEN = (
     "description_pairs",
     "description_distill",
     "description_distill_specific",
+    "preference_description",
 )
 """Constructions whose component depends on the user's description (the ``description_swap``
 control rebuilds them from another user's description)."""
+EFFECT_DRIVEN = ("preference_gradient", "preference_description")
+"""Constructions fitted to the preference-driven tokens themselves: their ``random_swap``
+control rebuilds them with each item's causal effects shuffled over its tokens."""
 
 
 def _require_activation_backbone(pipeline: SteerX, name: str) -> None:
@@ -510,6 +515,18 @@ def preference_gradient_component(
     return _distilled(pipeline, evidence, site, lambda index, _: weights.get(index, []))
 
 
+def preference_description_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The mean of the unit ``preference_gradient`` direction (what the causal effects select)
+    and the unit ``description_distill`` direction (what the description makes the model
+    predict); either alone if the other is missing."""
+    return mean_of_units(
+        preference_gradient_component(pipeline, evidence, population, site),
+        description_distill_component(pipeline, evidence, population, site),
+    )
+
+
 def likelihood_gradient_component(
     pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
 ) -> Float[Tensor, " d_model"] | None:
@@ -535,6 +552,7 @@ CONSTRUCTIONS: dict[str, Construction] = {
     "history_distill": history_distill_component,
     "likelihood_gradient": likelihood_gradient_component,
     "preference_gradient": preference_gradient_component,
+    "preference_description": preference_description_component,
 }
 """Personal-direction constructions by name (extend with :func:`register_construction`)."""
 

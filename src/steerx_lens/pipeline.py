@@ -28,6 +28,7 @@ beat the shared vector in the feasibility study (DESIGN.md §1), see ``docs/meth
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,7 @@ from steerx_lens.backends import get_adapter
 from steerx_lens.constructions import (
     ACTIVATION_BACKBONES,
     DESCRIPTION_DRIVEN,
+    EFFECT_DRIVEN,
     check_construction,
     evidenced_description,
     get_construction,
@@ -717,7 +719,7 @@ class SteerX:
         site = population.site
         component = self.personal_component(evidence, population, site)
         direction = None if component is None else _unit(component)
-        random_direction = self.personal_direction(self.random_swap_pairs(evidence), site)
+        random_direction = self.random_direction(evidence, population, site)
         if self.config.strength == "reliability" and direction is not None:
             weight = self.reliability(evidence, population, site)
             direction = weight * direction if weight > 0 else None
@@ -761,6 +763,27 @@ class SteerX:
             random_direction,
             anchor_weight,
         )
+
+    def random_direction(
+        self, evidence: UserEvidence, population: Population, site: str
+    ) -> Float[Tensor, " d_model"] | None:
+        """The ``random_swap`` control's unit direction: for constructions that read the
+        causal effects' positions (:data:`~steerx_lens.constructions.EFFECT_DRIVEN`), the
+        construction built with each item's effects shuffled over its tokens (as many
+        selected tokens, at random positions); otherwise the minimal-pair direction of
+        :meth:`random_swap_pairs`. Seeded by the config's seed and the user's id."""
+        if self.config.construction in EFFECT_DRIVEN:
+            rng = torch.Generator().manual_seed(_seed(f"{self.config.seed}:{evidence.user_id}"))
+            items = [
+                replace(
+                    item, effects=item.effects[torch.randperm(item.effects.numel(), generator=rng)]
+                )
+                for item in evidence.attribution.items
+            ]
+            shuffled = replace(evidence, attribution=replace(evidence.attribution, items=items))
+            component = self.personal_component(shuffled, population, site)
+            return None if component is None or float(component.norm()) == 0 else _unit(component)
+        return self.personal_direction(self.random_swap_pairs(evidence), site)
 
     def random_swap_pairs(self, evidence: UserEvidence) -> MinimalPairs:
         """The ``random_swap`` control's pairs: in each item, as many tokens as SteerX swaps,
@@ -854,6 +877,11 @@ def split_half_reliability(first: Tensor | None, second: Tensor | None) -> float
         return 0.0
     cosine = float(_unit(first) @ _unit(second))
     return 0.0 if cosine <= 0 else 2 * cosine / (1 + cosine)
+
+
+def _seed(text: str) -> int:
+    """A stable 63-bit seed from ``text`` (Python's ``hash`` of a string varies per run)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def _halves(evidence: UserEvidence) -> tuple[UserEvidence, UserEvidence]:

@@ -8,8 +8,9 @@ Methods, always compared in the same run (:data:`ALL_METHODS`):
 - ``baseline``: the user's all-history vector; ``steerx``: the user's SteerX vector;
 - ``shared``: the mean of the *other* users' baselines (leave-one-out);
 - ``decomposed_baseline``: shared + SteerX's personal norm along unit(baseline − shared);
-- ``random_swap``: SteerX's construction with the same number of swapped tokens at random
-  positions;
+- ``random_swap``: SteerX's anchor and strength with as many selected tokens at random
+  positions: the construction itself with shuffled causal effects for constructions fitted to
+  the preference-driven tokens (``preference_*``), the minimal-pair direction otherwise;
 - ``description_swap``: SteerX's construction and strength built from *another* user's
   description (drawn per user); identical to ``steerx`` for constructions that do not read
   the description. SteerX must beat it for the *user's own* description to be what helps;

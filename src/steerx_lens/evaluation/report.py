@@ -17,7 +17,7 @@ METHOD_NOTES = {
     "baseline": "the user's all-history vector (classic steering)",
     "steerx": "the user's SteerX vector (anchor + the construction's personal part)",
     "decomposed_baseline": "shared + SteerX's personal norm along (baseline − shared)",
-    "random_swap": "SteerX's anchor + minimal pairs swapped at random positions (same strength)",
+    "random_swap": "SteerX with its selected tokens at random positions (same strength)",
     "description_swap": "SteerX built from another user's description (same strength)",
     "history_prompt": "the user's recent fit history in the prompt, no steering",
     "description_prompt": "the user's description in the prompt, no steering",
