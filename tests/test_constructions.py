@@ -43,6 +43,7 @@ DISTILLED = (
     "likelihood_gradient",
     "preference_gradient",
     "preference_description",
+    "likelihood_description",
 )
 
 

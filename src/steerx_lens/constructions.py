@@ -35,7 +35,19 @@ preference-driven tokens, that these become a description, and that the descript
   descriptions (:attr:`~steerx_lens.pipeline.Population.descriptions`), at those positions:
   what this description does that others do not; ``"description_contrast_specific"`` adds
   half of it to the unit ``description_contrast`` direction; ``"description_blend"`` is the
-  mean of the unit ``description_contrast`` and ``description_at_effects`` directions.
+  mean of the unit ``description_contrast`` and ``description_at_effects`` directions;
+- output-space directions (:mod:`steerx_lens.distill`: the negative gradient, at ``v = 0``, of
+  a cross-entropy between the steered model's predictions on the user's own texts and a
+  target): ``"description_distill"`` (target: the model's predictions with the description in
+  the prompt, i.e. first-order context distillation of the description into one vector),
+  ``"description_distill_specific"`` (the user's description's predictions minus the
+  counterfactual users' descriptions'), ``"history_distill"`` (the predictions after the
+  user's other fit items), ``"likelihood_gradient"`` (the texts' own tokens: the direction
+  that most raises their likelihood), ``"preference_gradient"`` (only the preference-driven
+  tokens, patch-CE above ``swap_threshold``), and the means of unit directions
+  ``"preference_description"`` (preference_gradient + description_distill) and
+  ``"likelihood_description"`` (likelihood_gradient + description_distill). They use the
+  model's gradient, not the backbone, so every backbone supports them.
 
 Which of them helps on validation items is measured in ``docs/method.md``; the default is
 ``description_contrast`` for the activation backbones and ``minimal_pairs`` for ``bipo``.
@@ -89,6 +101,7 @@ ANY_BACKBONE = (
     "likelihood_gradient",
     "preference_gradient",
     "preference_description",
+    "likelihood_description",
 )
 """Constructions that work with every backbone: they compare two *responses*, or take the
 model's own gradient (the ``*_distill`` and ``likelihood_gradient`` directions)."""
@@ -104,6 +117,7 @@ DESCRIPTION_DRIVEN = (
     "description_distill",
     "description_distill_specific",
     "preference_description",
+    "likelihood_description",
 )
 """Constructions whose component depends on the user's description (the ``description_swap``
 control rebuilds them from another user's description)."""
@@ -527,6 +541,19 @@ def preference_description_component(
     )
 
 
+def likelihood_description_component(
+    pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
+) -> Float[Tensor, " d_model"] | None:
+    """The mean of the unit ``likelihood_gradient`` direction (what the user's texts need)
+    and the unit ``description_distill`` direction (what the description makes the model
+    predict): "½ history + ½ description" in output space; either alone if the other is
+    missing."""
+    return mean_of_units(
+        likelihood_gradient_component(pipeline, evidence, population, site),
+        description_distill_component(pipeline, evidence, population, site),
+    )
+
+
 def likelihood_gradient_component(
     pipeline: SteerX, evidence: UserEvidence, population: Population, site: str
 ) -> Float[Tensor, " d_model"] | None:
@@ -553,6 +580,7 @@ CONSTRUCTIONS: dict[str, Construction] = {
     "likelihood_gradient": likelihood_gradient_component,
     "preference_gradient": preference_gradient_component,
     "preference_description": preference_description_component,
+    "likelihood_description": likelihood_description_component,
 }
 """Personal-direction constructions by name (extend with :func:`register_construction`)."""
 
