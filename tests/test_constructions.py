@@ -318,12 +318,12 @@ def test_the_shrunk_anchor_follows_the_reliability_of_the_baseline_personal_part
 def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
     """A config without a construction gets the validated one for activation backbones and
     minimal pairs for BiPO (which cannot read one response under two prompts)."""
-    assert default_construction("mean_diff") == "description_contrast"
-    assert default_construction("sae") == "description_contrast"
+    assert default_construction("mean_diff") == "likelihood_description"
+    assert default_construction("sae") == "likelihood_description"
     assert default_construction("bipo") == "minimal_pairs"
     plain = SteerX(tiny, SteerXConfig(layer=1), progress=False).config
     assert (plain.construction, plain.anchor, plain.strength) == (
-        "description_contrast",
+        "likelihood_description",
         "baseline",
         "reliability",
     )

@@ -199,7 +199,7 @@ LayerOption = Annotated[int | None, typer.Option(min=0, help=LAYER_HELP)]
 ConstructionOption = Annotated[
     str | None,
     typer.Option(
-        help="SteerX's personal-direction construction (default: description_contrast for "
+        help="SteerX's personal-direction construction (default: likelihood_description for "
         "mean_diff and sae, minimal_pairs for bipo; see docs/method.md)"
     ),
 ]

@@ -100,7 +100,7 @@ class SteerXConfig:
     bipo_steps: int = 40
     seed: int = 0
     construction: str | None = None
-    """None: ``description_contrast`` with an activation backbone (``mean_diff``, ``sae``),
+    """None: ``likelihood_description`` with an activation backbone (``mean_diff``, ``sae``),
     ``minimal_pairs`` otherwise (:func:`default_construction`)."""
     strength: Literal["fixed", "reliability"] = "reliability"
     anchor: Literal["shared", "baseline", "shrunk"] = "baseline"
@@ -128,11 +128,11 @@ class SteerXConfig:
 
 
 def default_construction(backbone: str) -> str:
-    """The construction a config without one gets: ``description_contrast`` for activation
-    backbones (chosen on validation items of two data sets, docs/method.md), ``minimal_pairs``
-    for the others (``bipo`` scores responses and cannot read one response under two
-    prompts; its default was not re-chosen)."""
-    return "description_contrast" if backbone in ACTIVATION_BACKBONES else "minimal_pairs"
+    """The construction a config without one gets: ``likelihood_description`` for activation
+    backbones (chosen on validation items of three data sets, docs/method.md),
+    ``minimal_pairs`` for ``bipo`` (chosen on BiPO's own validation items; the output-space
+    constructions were not validated with BiPO)."""
+    return "likelihood_description" if backbone in ACTIVATION_BACKBONES else "minimal_pairs"
 
 
 def steerx_combination(
