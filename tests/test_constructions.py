@@ -321,6 +321,7 @@ def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
     assert default_construction("mean_diff") == "likelihood_description"
     assert default_construction("sae") == "likelihood_description"
     assert default_construction("bipo") == "minimal_pairs"
+    assert default_construction("mean_diff", can_backpropagate=False) == "description_contrast"
     plain = SteerX(tiny, SteerXConfig(layer=1), progress=False).config
     assert (plain.construction, plain.anchor, plain.strength) == (
         "likelihood_description",

@@ -18,11 +18,13 @@ from sae_lens import StandardSAE, StandardSAEConfig
 
 from steerx_lens.backends import get_adapter
 from steerx_lens.data import UserHistory, make_synthetic_users
+from steerx_lens.errors import SteerXError
 from steerx_lens.evaluation.metrics import encode_for_eval, token_nll
 from steerx_lens.models import load_tiny_model
 from steerx_lens.pipeline import FitResult, SteerX, SteerXConfig
 
-CONFIG = SteerXConfig(answer_tokens=8, max_context_tokens=384)
+CONFIG = SteerXConfig(answer_tokens=8, max_context_tokens=384, construction="description_contrast")
+"""An activation construction: it runs on every path (a remote run gives no gradients)."""
 TOLERANCE = 1e-4
 
 
@@ -112,3 +114,27 @@ def test_other_backbones_match_hf_on_nnsight(backbone: str) -> None:
         assert max_gap(mine.baseline.vector, theirs.baseline.vector) <= TOLERANCE
         assert max_gap(mine.steerx.vector, theirs.steerx.vector) <= TOLERANCE
         assert mine.steerx.vector.abs().sum() > 0
+
+
+@pytest.mark.parametrize("remote", [False, "local"], ids=["local", "remote_simulated"])
+def test_output_space_constructions_need_gradients(remote: Any) -> None:
+    """Local nnsight gives the HF backend's gradient directions; a remote run, which cannot
+    give gradients, gets the activation default and refuses an output-space construction."""
+    users = make_synthetic_users(n_users=3, n_history=3, n_heldout=1, seed=1)
+    config = SteerXConfig(layer=1, answer_tokens=4, max_context_tokens=256)
+    model = load_tiny_model("nnsight")
+    get_adapter(model, remote=remote)
+    if remote:
+        assert SteerX(model, config).config.construction == "description_contrast"
+        with pytest.raises(SteerXError, match="needs the model's gradients"):
+            SteerX(model, replace(config, construction="likelihood_gradient"))
+        return
+    chosen = replace(config, construction="likelihood_gradient")
+    pipelines = [SteerX(m, chosen, progress=False) for m in (model, load_tiny_model("hf"))]
+    directions = []
+    for pipeline in pipelines:
+        population = pipeline.build_population(users)
+        evidence = pipeline.evidence(users[0], population)
+        directions.append(pipeline.personal_component(evidence, population, chosen.site))
+    assert directions[0] is not None and directions[1] is not None
+    assert max_gap(directions[0], directions[1]) <= TOLERANCE * float(directions[1].abs().max())

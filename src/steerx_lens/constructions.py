@@ -121,6 +121,16 @@ DESCRIPTION_DRIVEN = (
 )
 """Constructions whose component depends on the user's description (the ``description_swap``
 control rebuilds them from another user's description)."""
+NEEDS_GRADIENTS = (
+    "description_distill",
+    "description_distill_specific",
+    "history_distill",
+    "likelihood_gradient",
+    "preference_gradient",
+    "preference_description",
+    "likelihood_description",
+)
+"""Output-space constructions: they read the model's gradient, which a remote run cannot give."""
 EFFECT_DRIVEN = ("preference_gradient", "preference_description")
 """Constructions fitted to the preference-driven tokens themselves: their ``random_swap``
 control rebuilds them with each item's causal effects shuffled over its tokens."""
@@ -590,10 +600,16 @@ def register_construction(name: str, construction: Construction) -> None:
     CONSTRUCTIONS[name] = construction
 
 
-def check_construction(name: str, backbone: str) -> None:
-    """Fail fast: ``name`` must be registered and, unless it is in :data:`ANY_BACKBONE`, be
-    built with an activation backbone."""
+def check_construction(name: str, backbone: str, can_backpropagate: bool = True) -> None:
+    """Fail fast: ``name`` must be registered, unless it is in :data:`ANY_BACKBONE` be built
+    with an activation backbone, and if it is in :data:`NEEDS_GRADIENTS` run on a model that
+    gradients flow back through."""
     get_construction(name)
+    if name in NEEDS_GRADIENTS and not can_backpropagate:
+        raise SteerXError(
+            f"construction {name!r} needs the model's gradients, which a remote run cannot "
+            "give; use an activation construction (e.g. 'description_contrast') or a local model"
+        )
     if name not in ANY_BACKBONE and backbone not in ACTIVATION_BACKBONES:
         raise SteerXError(
             f"construction {name!r} compares one response under two prompts and needs an "

@@ -100,8 +100,9 @@ class SteerXConfig:
     bipo_steps: int = 40
     seed: int = 0
     construction: str | None = None
-    """None: ``likelihood_description`` with an activation backbone (``mean_diff``, ``sae``),
-    ``minimal_pairs`` otherwise (:func:`default_construction`)."""
+    """None: ``likelihood_description`` with an activation backbone (``mean_diff``, ``sae``;
+    ``description_contrast`` on a remote model, which gives no gradients), ``minimal_pairs``
+    otherwise (:func:`default_construction`)."""
     strength: Literal["fixed", "reliability"] = "reliability"
     anchor: Literal["shared", "baseline", "shrunk"] = "baseline"
 
@@ -127,12 +128,16 @@ class SteerXConfig:
         return replace(self, layer=round(DEFAULT_DEPTH_FRACTION * n_layers))
 
 
-def default_construction(backbone: str) -> str:
+def default_construction(backbone: str, can_backpropagate: bool = True) -> str:
     """The construction a config without one gets: ``likelihood_description`` for activation
     backbones (chosen on validation items of three data sets, docs/method.md),
     ``minimal_pairs`` for ``bipo`` (chosen on BiPO's own validation items; the output-space
-    constructions were not validated with BiPO)."""
-    return "likelihood_description" if backbone in ACTIVATION_BACKBONES else "minimal_pairs"
+    constructions were not validated with BiPO). A model that gradients cannot flow back
+    through (a remote NDIF run) gets ``description_contrast``, the best activation-only
+    construction, with an activation backbone."""
+    if backbone not in ACTIVATION_BACKBONES:
+        return "minimal_pairs"
+    return "likelihood_description" if can_backpropagate else "description_contrast"
 
 
 def steerx_combination(
@@ -347,7 +352,9 @@ class SteerX:
         self.adapter = get_adapter(model)
         self.config = (config or SteerXConfig()).for_model(self.adapter.n_layers)
         if self.config.construction is None:
-            construction = default_construction(self.config.backbone)
+            construction = default_construction(
+                self.config.backbone, self.adapter.can_backpropagate
+            )
             self.config = replace(self.config, construction=construction)
         limit = self.adapter.max_positions
         if limit is not None and self.config.max_context_tokens > limit:
@@ -357,7 +364,9 @@ class SteerX:
             )
         self.adapter.resolve(self.config.site)
         self.backbone: Backbone = get_backbone(self.config.backbone)
-        check_construction(self.config.construction, self.config.backbone)
+        check_construction(
+            self.config.construction, self.config.backbone, self.adapter.can_backpropagate
+        )
         if self.config.strength not in ("fixed", "reliability"):
             raise SteerXError(
                 f"strength must be 'fixed' or 'reliability', got {self.config.strength!r}"

@@ -307,6 +307,10 @@ class ModelAdapter(ABC):
                 pass
         return store
 
+    can_backpropagate: bool = True
+    """Whether gradients can flow back through :meth:`forward` (``grad=True``): False for runs
+    on a remote server (NDIF), where only the forward results come back."""
+
     can_start_mid_stack: bool = False
     """Whether :meth:`score_next_tokens_from` can run a pass from a middle block (hf for the
     architectures of :data:`~steerx_lens.backends.layout.MID_STACK_MODEL_TYPES`,

@@ -88,6 +88,7 @@ class NNsightAdapter(ModelAdapter):
     def set_remote(self, remote: Any) -> None:
         """Run later calls on NDIF (``True`` / a host URL), simulated (``"local"``), or here."""
         self.remote = remote_config.prepare(self.model, remote)
+        self.can_backpropagate = not self.remote
 
     @property
     def torch_module(self) -> Any:
