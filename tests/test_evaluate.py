@@ -246,10 +246,12 @@ def test_eval_applies_each_methods_own_cell(tiny: Any, users: list, tmp_path: Pa
     assert (steerx.site, steerx.alpha) == ("blocks.1.hook_resid_post", 0.5)
     shared = experiment.method_vector(uid, "shared", fits)
     assert shared.site == "blocks.1.hook_resid_post"  # not named: the config's cell
-    personal = steerx.vector - fits[1].population.shared_for(uid).vector
-    if fits[1].users[uid].personal_direction is not None:
-        expected = 0.3 * fits[1].population.residual_norm
-        assert float(personal.norm()) == pytest.approx(expected, rel=1e-4)
+    fitted = fits[1].users[uid]
+    assert fitted.personal_direction is not None  # the default needs no description
+    personal = steerx.vector - fitted.baseline.vector  # the default anchor: the baseline
+    weight = float(fitted.personal_direction.norm())  # the split-half reliability w
+    expected = 0.3 * fits[1].population.residual_norm * weight
+    assert weight > 0 and float(personal.norm()) == pytest.approx(expected, rel=1e-4)
 
 
 def test_no_heldout_or_validation_item_reaches_fitting_sweeping_masks_or_descriptions(

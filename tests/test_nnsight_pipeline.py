@@ -103,7 +103,13 @@ def random_sae(d_model: int, site: str) -> StandardSAE:
 def test_other_backbones_match_hf_on_nnsight(backbone: str) -> None:
     users = make_synthetic_users(n_users=3, n_history=3, n_heldout=1, seed=0)
     config = replace(
-        CONFIG, layer=1, backbone=backbone, bipo_steps=3, sae_k=8, max_context_tokens=256
+        CONFIG,
+        layer=1,
+        backbone=backbone,
+        construction=None,  # each backbone's default
+        bipo_steps=3,
+        sae_k=8,
+        max_context_tokens=256,
     )
     hf, nnsight_model = load_tiny_model("hf"), load_tiny_model("nnsight")
     sae = random_sae(64, config.site) if backbone == "sae" else None

@@ -82,7 +82,9 @@ def test_a_sweep_reads_each_text_once_for_all_its_layers(
     and every activation it reads was read with the first layer's), and each layer's cells
     score as in a sweep of that layer alone."""
     users = make_synthetic_users(n_users=3, n_history=6, n_heldout=1, seed=0)
-    config = SteerXConfig(layer=1, describer="template")
+    # an activation construction: the output-space ones (the default included) take one
+    # forward and backward pass per text at each site, which no shared read can replace
+    config = SteerXConfig(layer=1, describer="template", construction="description_contrast")
     fit_rows: list[int] = []
     original = SteerX.fit_many
 

@@ -614,7 +614,7 @@ def check_construction(name: str, backbone: str, can_backpropagate: bool = True)
         raise SteerXError(
             f"construction {name!r} compares one response under two prompts and needs an "
             f"activation backbone ({', '.join(ACTIVATION_BACKBONES)}); backbone {backbone!r} "
-            f"supports {' and '.join(ANY_BACKBONE)}"
+            f"supports {', '.join(ANY_BACKBONE)}"
         )
 
 
