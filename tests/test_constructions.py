@@ -9,7 +9,7 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
-from steerx_lens.constructions import DESCRIPTION_DRIVEN
+from steerx_lens.constructions import DESCRIPTION_DRIVEN, NEEDS_GRADIENTS
 from steerx_lens.data import UserHistory, make_synthetic_users
 from steerx_lens.describe import EMPTY_DESCRIPTION
 from steerx_lens.errors import SteerXError
@@ -35,15 +35,6 @@ CONTRASTS = (
     "description_blend",
     "description_specific",
     "description_contrast_specific",
-)
-DISTILLED = (
-    "description_distill",
-    "description_distill_specific",
-    "history_distill",
-    "likelihood_gradient",
-    "preference_gradient",
-    "preference_description",
-    "likelihood_description",
 )
 
 
@@ -77,7 +68,7 @@ def prepared(tiny: Any, users: list[UserHistory]) -> tuple[Any, Any]:
     ("construction", "backbone"),
     [("minimal_pairs", "mean_diff"), ("minimal_pairs", "bipo")]
     + [("description_pairs", "mean_diff"), ("description_pairs", "bipo")]
-    + [(c, b) for c in DISTILLED for b in ("mean_diff", "bipo")]
+    + [(c, b) for c in NEEDS_GRADIENTS for b in ("mean_diff", "bipo")]
     + [(c, "mean_diff") for c in CONTRASTS],
 )
 def test_every_construction_gives_a_finite_direction_of_the_models_width(

@@ -92,9 +92,7 @@ SPECIFIC_SHARE = 0.5
 CONTEXT_BUDGET = 192
 """Tokens of history block in ``history_contrast`` prompts (the most recent items that fit)."""
 ACTIVATION_BACKBONES = ("mean_diff", "sae")
-ANY_BACKBONE = (
-    "minimal_pairs",
-    "description_pairs",
+NEEDS_GRADIENTS = (
     "description_distill",
     "description_distill_specific",
     "history_distill",
@@ -103,6 +101,8 @@ ANY_BACKBONE = (
     "preference_description",
     "likelihood_description",
 )
+"""Output-space constructions: they read the model's gradient, which a remote run cannot give."""
+ANY_BACKBONE = ("minimal_pairs", "description_pairs", *NEEDS_GRADIENTS)
 """Constructions that work with every backbone: they compare two *responses*, or take the
 model's own gradient (the ``*_distill`` and ``likelihood_gradient`` directions)."""
 DESCRIPTION_DRIVEN = (
@@ -121,16 +121,6 @@ DESCRIPTION_DRIVEN = (
 )
 """Constructions whose component depends on the user's description (the ``description_swap``
 control rebuilds them from another user's description)."""
-NEEDS_GRADIENTS = (
-    "description_distill",
-    "description_distill_specific",
-    "history_distill",
-    "likelihood_gradient",
-    "preference_gradient",
-    "preference_description",
-    "likelihood_description",
-)
-"""Output-space constructions: they read the model's gradient, which a remote run cannot give."""
 EFFECT_DRIVEN = ("preference_gradient", "preference_description")
 """Constructions fitted to the preference-driven tokens themselves: their ``random_swap``
 control rebuilds them with each item's causal effects shuffled over its tokens."""
@@ -443,23 +433,19 @@ def _distilled(
     pipeline: SteerX,
     evidence: UserEvidence,
     site: str,
-    teachers: Callable[[int, HistoryItem], Teachers | None],
+    teachers: Callable[[int, HistoryItem, EncodedText], Teachers],
 ) -> Float[Tensor, " d_model"] | None:
     """The first-order distillation direction (:func:`steerx_lens.distill.distillation_direction`)
     at ``site`` of the user's texts, read without any system text or history, toward
-    ``teachers(index, item)`` (None: the text's own tokens; an empty list skips the item)."""
+    ``teachers(index, item, text)`` (``text``: the item as read; None: its own tokens; an empty
+    list skips the item)."""
     tokenizer = pipeline.adapter.tokenizer
-    items = list(evidence.user.history)
-    targets = [teachers(index, item) for index, item in enumerate(items)]
-    kept = [i for i, target in enumerate(targets) if not _is_empty(target)]
-    if not kept:
-        return None
-    students = [encode_item(tokenizer, items[i], ()) for i in kept]
-    return distillation_direction(pipeline.adapter, site, students, [targets[i] for i in kept])
-
-
-def _is_empty(targets: Teachers) -> bool:
-    return targets is not None and not isinstance(targets, Tensor) and not targets
+    students = [encode_item(tokenizer, item, ()) for item in evidence.user.history]
+    targets = [
+        teachers(index, item, text)
+        for index, (item, text) in enumerate(zip(evidence.user.history, students, strict=True))
+    ]
+    return distillation_direction(pipeline.adapter, site, students, targets)
 
 
 def _described(tokenizer: object, item: HistoryItem, description: str) -> EncodedText:
@@ -478,7 +464,10 @@ def description_distill_component(
         return None
     tokenizer = pipeline.adapter.tokenizer
     return _distilled(
-        pipeline, evidence, site, lambda _, item: [(1.0, _described(tokenizer, item, description))]
+        pipeline,
+        evidence,
+        site,
+        lambda _, item, __: [(1.0, _described(tokenizer, item, description))],
     )
 
 
@@ -496,7 +485,7 @@ def description_distill_specific_component(
         return None
     tokenizer = pipeline.adapter.tokenizer
 
-    def teachers(_: int, item: HistoryItem) -> Teachers:
+    def teachers(_: int, item: HistoryItem, __: EncodedText) -> Teachers:
         own = [(1.0, _described(tokenizer, item, description))]
         return own + [(-1.0 / len(theirs), _described(tokenizer, item, t)) for t in theirs]
 
@@ -512,7 +501,7 @@ def history_distill_component(
     if len(user.history) < 2:
         return None
 
-    def teachers(index: int, item: HistoryItem) -> Teachers:
+    def teachers(index: int, item: HistoryItem, _: EncodedText) -> Teachers:
         rest = recent_items(
             tokenizer, user.history[:index] + user.history[index + 1 :], CONTEXT_BUDGET
         )
@@ -528,15 +517,15 @@ def preference_gradient_component(
     (patch-CE above ``swap_threshold``) in their own texts: the causal effects choose which
     tokens the vector is fitted to."""
     threshold = pipeline.config.swap_threshold
-    weights = {
-        effects.item_index: (effects.effects > threshold).float()
-        for effects in evidence.attribution.items
-        if effects.token_ids.tolist()
-        == encode_item(
-            pipeline.adapter.tokenizer, evidence.user.history[effects.item_index]
-        ).response_ids
-    }
-    return _distilled(pipeline, evidence, site, lambda index, _: weights.get(index, []))
+    by_item = {effects.item_index: effects for effects in evidence.attribution.items}
+
+    def teachers(index: int, _: HistoryItem, text: EncodedText) -> Teachers:
+        effects = by_item.get(index)
+        if effects is None or effects.token_ids.tolist() != text.response_ids:
+            return []  # no effects measured on these tokens: skip the item
+        return (effects.effects > threshold).float()
+
+    return _distilled(pipeline, evidence, site, teachers)
 
 
 def preference_description_component(

@@ -28,7 +28,6 @@ beat the shared vector in the feasibility study (DESIGN.md §1), see ``docs/meth
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -782,10 +781,11 @@ class SteerX:
         selected tokens, at random positions); otherwise the minimal-pair direction of
         :meth:`random_swap_pairs`. Seeded by the config's seed and the user's id."""
         if self.config.construction in EFFECT_DRIVEN:
-            rng = torch.Generator().manual_seed(_seed(f"{self.config.seed}:{evidence.user_id}"))
+            rng = random.Random(f"{self.config.seed}:{evidence.user_id}")
             items = [
                 replace(
-                    item, effects=item.effects[torch.randperm(item.effects.numel(), generator=rng)]
+                    item,
+                    effects=item.effects[rng.sample(range(len(item.effects)), len(item.effects))],
                 )
                 for item in evidence.attribution.items
             ]
@@ -886,11 +886,6 @@ def split_half_reliability(first: Tensor | None, second: Tensor | None) -> float
         return 0.0
     cosine = float(_unit(first) @ _unit(second))
     return 0.0 if cosine <= 0 else 2 * cosine / (1 + cosine)
-
-
-def _seed(text: str) -> int:
-    """A stable 63-bit seed from ``text`` (Python's ``hash`` of a string varies per run)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def _halves(evidence: UserEvidence) -> tuple[UserEvidence, UserEvidence]:
