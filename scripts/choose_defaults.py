@@ -135,7 +135,14 @@ def main() -> None:
         if args.max_history:
             users_all = [replace(u, history=u.history[-args.max_history :]) for u in users_all]
         train, validation = split_users(users_all, 2)
-        base = SteerXConfig(layer=args.layer, backbone=args.backbone, describer=args.describer)
+        # the fit's own SteerX vector uses the first listed construction, so a BiPO run never
+        # trains one it does not score (its personal parts are scored per construction below)
+        base = SteerXConfig(
+            layer=args.layer,
+            backbone=args.backbone,
+            describer=args.describer,
+            construction=constructions[0],
+        )
         cache = Path(args.cache) / dataset if args.cache else None
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)

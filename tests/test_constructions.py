@@ -307,12 +307,14 @@ def test_the_shrunk_anchor_follows_the_reliability_of_the_baseline_personal_part
 
 
 def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
-    """A config without a construction gets the validated one for activation backbones and
-    minimal pairs for BiPO (which cannot read one response under two prompts)."""
+    """A config without a construction gets the validated one for every backbone; a model
+    without gradients gets an activation contrast, or minimal pairs for BiPO (which cannot
+    read one response under two prompts)."""
     assert default_construction("mean_diff") == "likelihood_description"
     assert default_construction("sae") == "likelihood_description"
-    assert default_construction("bipo") == "minimal_pairs"
+    assert default_construction("bipo") == "likelihood_description"
     assert default_construction("mean_diff", can_backpropagate=False) == "description_contrast"
+    assert default_construction("bipo", can_backpropagate=False) == "minimal_pairs"
     plain = SteerX(tiny, SteerXConfig(layer=1), progress=False).config
     assert (plain.construction, plain.anchor, plain.strength) == (
         "likelihood_description",
@@ -320,7 +322,7 @@ def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
         "reliability",
     )
     assert SteerX(tiny, SteerXConfig(layer=1, backbone="bipo")).config.construction == (
-        "minimal_pairs"
+        "likelihood_description"
     )
 
 

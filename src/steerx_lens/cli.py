@@ -200,7 +200,7 @@ ConstructionOption = Annotated[
     str | None,
     typer.Option(
         help="SteerX's personal-direction construction (default: likelihood_description for "
-        "mean_diff and sae, minimal_pairs for bipo; see docs/method.md)"
+        "every backbone; see docs/method.md)"
     ),
 ]
 DataOption = Annotated[str, typer.Option(help="users: a path or a built-in name", callback=_data)]

@@ -50,7 +50,8 @@ preference-driven tokens, that these become a description, and that the descript
   model's gradient, not the backbone, so every backbone supports them.
 
 Which of them helps on validation items is measured in ``docs/method.md``; the default is
-``description_contrast`` for the activation backbones and ``minimal_pairs`` for ``bipo``.
+``likelihood_description`` for every backbone (on a remote model, which gives no gradients,
+``description_contrast`` for the activation backbones and ``minimal_pairs`` for ``bipo``).
 
 Contrast constructions compare the *same response* under two prompts, which only activation
 backbones can read: they need a backbone that pools activations (``mean_diff``, and ``sae``

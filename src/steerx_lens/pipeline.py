@@ -99,9 +99,9 @@ class SteerXConfig:
     bipo_steps: int = 40
     seed: int = 0
     construction: str | None = None
-    """None: ``likelihood_description`` with an activation backbone (``mean_diff``, ``sae``;
-    ``description_contrast`` on a remote model, which gives no gradients), ``minimal_pairs``
-    otherwise (:func:`default_construction`)."""
+    """None: ``likelihood_description`` (on a remote model, which gives no gradients,
+    ``description_contrast`` with an activation backbone and ``minimal_pairs`` with ``bipo``;
+    :func:`default_construction`)."""
     strength: Literal["fixed", "reliability"] = "reliability"
     anchor: Literal["shared", "baseline", "shrunk"] = "baseline"
 
@@ -128,15 +128,15 @@ class SteerXConfig:
 
 
 def default_construction(backbone: str, can_backpropagate: bool = True) -> str:
-    """The construction a config without one gets: ``likelihood_description`` for activation
-    backbones (chosen on validation items of three data sets, docs/method.md),
-    ``minimal_pairs`` for ``bipo`` (chosen on BiPO's own validation items; the output-space
-    constructions were not validated with BiPO). A model that gradients cannot flow back
-    through (a remote NDIF run) gets ``description_contrast``, the best activation-only
-    construction, with an activation backbone."""
-    if backbone not in ACTIVATION_BACKBONES:
-        return "minimal_pairs"
-    return "likelihood_description" if can_backpropagate else "description_contrast"
+    """The construction a config without one gets: ``likelihood_description`` for every
+    backbone (chosen on validation items of three data sets, for ``mean_diff`` and for
+    ``bipo``, docs/method.md). A model that gradients cannot flow back through (a remote NDIF
+    run) gets ``description_contrast``, the best activation-only construction, with an
+    activation backbone and ``minimal_pairs`` with ``bipo`` (which cannot read one response
+    under two prompts)."""
+    if can_backpropagate:
+        return "likelihood_description"
+    return "description_contrast" if backbone in ACTIVATION_BACKBONES else "minimal_pairs"
 
 
 def steerx_combination(
