@@ -1,7 +1,7 @@
 """Write the summary of a ``steerx eval`` run that docs/method.md and the README cite.
 
 Keeps ``metrics.json``'s config, primary comparison, per-method means, every comparison, the
-generation check and failures, plus each user's scores (``per_user_scores``); drops the
+generation check, the goal's comparisons (runs since the confirmatory family) and failures, plus each user's scores (``per_user_scores``); drops the
 per-item values, generations and attribution summaries (they stay in the run folder).
 
     python scripts/evidence_summary.py runs/demo/metrics.json docs/evidence/eval_health.json
@@ -25,6 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     metrics = json.loads(args.metrics.read_text(encoding="utf-8"))
     summary = {key: metrics[key] for key in KEPT}
+    if "goal" in metrics:
+        summary["goal"] = metrics["goal"]
     summary["per_user_scores"] = {user["user_id"]: user["scores"] for user in metrics["per_user"]}
     write_text(args.out, json.dumps(summary, indent=1) + "\n")
 

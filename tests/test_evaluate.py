@@ -27,7 +27,13 @@ from steerx_lens.evaluation.cells import (
     choose_alpha,
     read_cells,
 )
-from steerx_lens.evaluation.experiment import Experiment, _item_values, paired_users
+from steerx_lens.evaluation.experiment import (
+    GOAL_FAMILY,
+    Experiment,
+    _item_values,
+    confirmatory,
+    paired_users,
+)
 from steerx_lens.evaluation.masks import distinct_spans, planted_spans, span_masks
 from steerx_lens.evaluation.metrics import (
     ALL_METHODS,
@@ -147,6 +153,16 @@ def test_eval_writes_the_documented_schema_and_resumes(
         assert "p_holm" in comparison
         if comparison["wilcoxon_p"] is not None:
             assert comparison["wilcoxon_p"] <= comparison["p_holm"] <= 1.0
+    goal = on_disk["goal"]
+    compared_keys = {(c["a"], c["b"], c["metric"]) for c in on_disk["comparisons"]}
+    assert [(c["a"], c["b"], c["metric"]) for c in goal] == [
+        key for key in GOAL_FAMILY if key in compared_keys
+    ]
+    assert {("steerx", "baseline", "nll"), ("steerx", "baseline", "rougeL")} <= compared_keys
+    for c in goal:  # the six alone are adjusted less than within all ~70
+        if c["wilcoxon_p"] is not None:
+            assert c["wilcoxon_p"] <= c["p_holm_goal"] <= c["p_holm"]
+    assert "## The goal's comparisons" in (tmp_path / "report.md").read_text()
     compared = {(c["a"], c["b"]) for c in on_disk["comparisons"]}
     assert {("steerx", "decomposed_baseline"), ("steerx", "random_swap")} <= compared
     assert {("description_prompt", "none"), ("steerx", "steerx_other")} <= compared
@@ -176,6 +192,29 @@ def test_eval_writes_the_documented_schema_and_resumes(
     # user's rows share forward batches with other users' rows in the first run only, so its
     # float32 values may differ in the last bits (padding changes the kernels' shapes)
     assert_same_numbers(json.loads((tmp_path / "metrics.json").read_bytes()), json.loads(first_run))
+
+
+def test_confirmatory_holm_counts_only_the_goal_family() -> None:
+    def entry(a: str, b: str, metric: str, p: float | None) -> dict:
+        return {"a": a, "b": b, "metric": metric, "wilcoxon_p": p}
+
+    comparisons = [
+        entry("history_prompt", "none", "nll", 0.0001),  # exploratory: not in the family
+        entry("steerx", "random_swap", "nll", 0.004),
+        entry("steerx", "baseline", "nll", 0.01),
+        entry("steerx", "baseline", "rougeL", None),
+        entry("steerx", "none", "nll", 0.02),
+    ]
+    goal = confirmatory(comparisons)
+    assert [(c["a"], c["b"], c["metric"]) for c in goal] == [
+        ("steerx", "baseline", "nll"),
+        ("steerx", "baseline", "rougeL"),
+        ("steerx", "none", "nll"),
+        ("steerx", "random_swap", "nll"),
+    ]
+    # three testable p's: 0.004 * 3, then max(0.012, 0.01 * 2), then max(0.02, 0.02 * 1)
+    assert [c["p_holm_goal"] for c in goal] == pytest.approx([0.02, None, 0.02, 0.012])
+    assert goal[0]["wilcoxon_p"] == 0.01  # the entry itself is kept
 
 
 def test_user_records_round_trip_through_json() -> None:

@@ -640,6 +640,11 @@ def evaluate(
             f"{p['ci95'][1]:+.4f}], Wilcoxon p {p['wilcoxon_p']}, Holm p {p['p_holm']}, "
             f"{p['n_users']} users"
         )
+    for c in metrics.goal:
+        console.print(
+            f"goal: {c['a']} vs {c['b']}, {c['metric']}: {c['mean']:+.4f}, "
+            f"{c['n_positive']}/{c['n_users']} users, Holm p (goal family) {c['p_holm_goal']}"
+        )
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 
 

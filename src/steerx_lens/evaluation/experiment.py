@@ -89,7 +89,7 @@ from steerx_lens.evaluation.results import (
     RunMetrics,
     UserRecord,
 )
-from steerx_lens.evaluation.stats import UserItems, adjust, compare
+from steerx_lens.evaluation.stats import UserItems, adjust, compare, holm
 from steerx_lens.evidence import UserEvidence
 from steerx_lens.pipeline import (
     FitResult,
@@ -129,6 +129,18 @@ COMPARISONS = (
 )
 """Every reported comparison (a, b): positive mean = a better. Holm adjusts over all of them ×
 :data:`COMPARED_METRICS`."""
+GOAL_FAMILY = (
+    ("steerx", "baseline", "nll"),
+    ("steerx", "baseline", "nll_distinct"),
+    ("steerx", "baseline", "rougeL"),
+    ("steerx", "none", "nll"),
+    ("steerx", "decomposed_baseline", "nll"),
+    ("steerx", "random_swap", "nll"),
+)
+"""The confirmatory family: the method's stated goal (SteerX beats the baseline of its backbone
+on all tokens, distinctive tokens and ROUGE-L, is not worse than no steering, and beats the two
+matched controls). Holm adjusts over these six alone (``p_holm_goal``), beside the adjustment over
+every comparison (``p_holm``), which also counts the exploratory ones."""
 TIE_TOLERANCE = 1e-5
 """Relative difference below which two per-item values are a tie (float32 batch rounding)."""
 COMPARED_METRICS = ("nll", "nll_distinct", "nll_marker", "nll_pref", "rougeL", "bleu")
@@ -891,6 +903,15 @@ def paired_users(records: Sequence[UserRecord], a: str, b: str, metric: Metric) 
     return users
 
 
+def confirmatory(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The comparisons of :data:`GOAL_FAMILY` present in ``comparisons`` (dicts as in
+    ``metrics.json``), in the family's order, each with ``p_holm_goal``: Holm over the family."""
+    by_key = {(c["a"], c["b"], c["metric"]): c for c in comparisons}
+    present = [by_key[key] for key in GOAL_FAMILY if key in by_key]
+    adjusted = holm({str(i): c["wilcoxon_p"] for i, c in enumerate(present)})
+    return [{**c, "p_holm_goal": adjusted[str(i)]} for i, c in enumerate(present)]
+
+
 def aggregate(
     records: Sequence[UserRecord],
     config: dict[str, Any],
@@ -950,4 +971,5 @@ def aggregate(
         check,
         failures,
         dict(skipped_items or {}),
+        confirmatory([c.as_dict() for c in comparisons]),
     )

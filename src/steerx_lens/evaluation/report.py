@@ -99,8 +99,9 @@ def write_report(
     names: Mapping[str, str] | None = None,
     notes: Sequence[str] = (),
 ) -> Path:
-    """Write ``report.md`` (primary comparison, method table, every comparison with its
-    Holm-adjusted p, the generation check, users) and its plots.
+    """Write ``report.md`` (primary comparison, the goal's comparisons Holm-adjusted among
+    themselves, method table, every comparison with its Holm-adjusted p, the generation check,
+    users) and its plots.
 
     ``names`` maps user ids to their file names (default: :func:`user_file_names` of the
     evaluated users); ``notes`` are lines about the run itself (e.g. how many users were
@@ -140,6 +141,20 @@ def write_report(
             f"{primary['n_users']} users: NLL(baseline) − NLL(SteerX) = **{primary['mean']:+.4f}** "
             f"nats/token (95% CI [{low:+.4f}, {high:+.4f}], two-level bootstrap), Wilcoxon p "
             f"{_p(primary['wilcoxon_p'])}, Holm-adjusted p {_p(primary['p_holm'])}: it {verdict}.",
+            "",
+        ]
+    if metrics.goal:
+        lines += [
+            "## The goal's comparisons (confirmatory family)",
+            "",
+            "SteerX against the baseline of its backbone on all tokens, distinctive tokens and "
+            "ROUGE-L, against no steering and against the two matched controls; `Holm p` adjusts "
+            "over these alone (✓: < "
+            f"{ALPHA_LEVEL}), the table further down over every comparison.",
+            "",
+            "| comparison | metric | mean | 95% CI | Wilcoxon p | Holm p | users positive |",
+            "|---|---|---|---|---|---|---|",
+            *(comparison_row({**c, "p_holm": c["p_holm_goal"]}) for c in metrics.goal),
             "",
         ]
     lines += [

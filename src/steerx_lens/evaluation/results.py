@@ -136,7 +136,8 @@ class UserRecord:
 class RunMetrics:
     """A whole run: its configuration and cells, per-method means over users, the users'
     records, the paired comparisons (Holm-adjusted over the whole family, the primary one
-    first), the generation sanity check, the users not evaluated and the items not used."""
+    first), the generation sanity check, the users not evaluated, the items not used and the
+    confirmatory family (``goal``, Holm-adjusted among itself)."""
 
     config: dict[str, Any]
     methods: dict[str, dict[Metric, float | None]]
@@ -146,6 +147,7 @@ class RunMetrics:
     generation_check: dict[str, Any] | None
     failures: dict[str, str]
     skipped_items: dict[str, list[str]] = field(default_factory=dict)
+    goal: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form of ``metrics.json`` (``skipped_items`` only when there are some)."""
@@ -155,6 +157,7 @@ class RunMetrics:
             "methods": self.methods,
             "comparisons": self.comparisons,
             "generation_check": self.generation_check,
+            "goal": self.goal,
             "per_user": [record.to_json() for record in self.per_user],
             "failures": self.failures,
         }
