@@ -9,6 +9,7 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
+from steerx_lens.backends import get_adapter
 from steerx_lens.constructions import DESCRIPTION_DRIVEN, NEEDS_GRADIENTS
 from steerx_lens.data import UserHistory, make_synthetic_users
 from steerx_lens.describe import EMPTY_DESCRIPTION
@@ -306,15 +307,12 @@ def test_the_shrunk_anchor_follows_the_reliability_of_the_baseline_personal_part
         SteerX(tiny, replace(CONFIG, anchor="own"))
 
 
-def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
+def test_the_default_construction_is_one_for_every_backbone(tiny: Any) -> None:
     """A config without a construction gets the validated one for every backbone; a model
-    without gradients gets an activation contrast, or minimal pairs for BiPO (which cannot
-    read one response under two prompts)."""
-    assert default_construction("mean_diff") == "likelihood_description"
-    assert default_construction("sae") == "likelihood_description"
-    assert default_construction("bipo") == "likelihood_description"
-    assert default_construction("mean_diff", can_backpropagate=False) == "description_contrast"
-    assert default_construction("bipo", can_backpropagate=False) == "minimal_pairs"
+    without gradients (a remote run) gets an activation contrast, and a backbone that trains
+    through gradients is refused there before anything runs."""
+    assert default_construction() == "likelihood_description"
+    assert default_construction(can_backpropagate=False) == "description_contrast"
     plain = SteerX(tiny, SteerXConfig(layer=1), progress=False).config
     assert (plain.construction, plain.anchor, plain.strength) == (
         "likelihood_description",
@@ -324,6 +322,11 @@ def test_the_default_construction_follows_the_backbone(tiny: Any) -> None:
     assert SteerX(tiny, SteerXConfig(layer=1, backbone="bipo")).config.construction == (
         "likelihood_description"
     )
+    remote = load_tiny_model("nnsight")
+    get_adapter(remote, remote="local")  # nnsight's own serialise -> remote path, no network
+    assert SteerX(remote, SteerXConfig(layer=1)).config.construction == "description_contrast"
+    with pytest.raises(SteerXError, match="'bipo' trains through the model's gradients"):
+        SteerX(remote, SteerXConfig(layer=1, backbone="bipo"))
 
 
 def test_split_halves_keep_each_items_token_effects_with_it(prepared: tuple[Any, Any]) -> None:

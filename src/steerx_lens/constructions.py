@@ -93,6 +93,8 @@ SPECIFIC_SHARE = 0.5
 CONTEXT_BUDGET = 192
 """Tokens of history block in ``history_contrast`` prompts (the most recent items that fit)."""
 ACTIVATION_BACKBONES = ("mean_diff", "sae")
+TRAINED_BACKBONES = ("bipo",)
+"""Backbones that train their vector through the model's gradients (not on a remote model)."""
 NEEDS_GRADIENTS = (
     "description_distill",
     "description_distill_specific",

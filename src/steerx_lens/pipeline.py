@@ -53,9 +53,9 @@ from steerx_lens.backbones.mean_diff import Pool, model_answers, residual_norm, 
 from steerx_lens.backbones.sae_training import train_demo_sae
 from steerx_lens.backends import get_adapter
 from steerx_lens.constructions import (
-    ACTIVATION_BACKBONES,
     DESCRIPTION_DRIVEN,
     EFFECT_DRIVEN,
+    TRAINED_BACKBONES,
     check_construction,
     evidenced_description,
     get_construction,
@@ -100,8 +100,7 @@ class SteerXConfig:
     seed: int = 0
     construction: str | None = None
     """None: ``likelihood_description`` (on a remote model, which gives no gradients,
-    ``description_contrast`` with an activation backbone and ``minimal_pairs`` with ``bipo``;
-    :func:`default_construction`)."""
+    ``description_contrast``; :func:`default_construction`)."""
     strength: Literal["fixed", "reliability"] = "reliability"
     anchor: Literal["shared", "baseline", "shrunk"] = "baseline"
 
@@ -127,16 +126,13 @@ class SteerXConfig:
         return replace(self, layer=round(DEFAULT_DEPTH_FRACTION * n_layers))
 
 
-def default_construction(backbone: str, can_backpropagate: bool = True) -> str:
+def default_construction(can_backpropagate: bool = True) -> str:
     """The construction a config without one gets: ``likelihood_description`` for every
     backbone (chosen on validation items of three data sets, for ``mean_diff`` and for
     ``bipo``, docs/method.md). A model that gradients cannot flow back through (a remote NDIF
-    run) gets ``description_contrast``, the best activation-only construction, with an
-    activation backbone and ``minimal_pairs`` with ``bipo`` (which cannot read one response
-    under two prompts)."""
-    if can_backpropagate:
-        return "likelihood_description"
-    return "description_contrast" if backbone in ACTIVATION_BACKBONES else "minimal_pairs"
+    run, where only activation backbones run) gets ``description_contrast``, the best
+    activation-only construction."""
+    return "likelihood_description" if can_backpropagate else "description_contrast"
 
 
 def steerx_combination(
@@ -350,10 +346,13 @@ class SteerX:
         self.model = model
         self.adapter = get_adapter(model)
         self.config = (config or SteerXConfig()).for_model(self.adapter.n_layers)
-        if self.config.construction is None:
-            construction = default_construction(
-                self.config.backbone, self.adapter.can_backpropagate
+        if self.config.backbone in TRAINED_BACKBONES and not self.adapter.can_backpropagate:
+            raise SteerXError(
+                f"backbone {self.config.backbone!r} trains through the model's gradients, which "
+                "a remote run cannot give; fit on a local model and apply the vectors remotely"
             )
+        if self.config.construction is None:
+            construction = default_construction(self.adapter.can_backpropagate)
             self.config = replace(self.config, construction=construction)
         limit = self.adapter.max_positions
         if limit is not None and self.config.max_context_tokens > limit:
