@@ -93,6 +93,8 @@ def test_eval_through_the_remote_path_writes_metrics(tmp_path: Path) -> None:
     choice = metrics["config"]["strength_choice"]
     assert choice["n_users"] == 3 and set(choice["methods"]) == set(metrics["config"]["cells"])
     assert "alpha chosen on validation items (3 users)" in " ".join(result.output.split())
+    assert "goal: steerx vs baseline, nll:" in " ".join(result.output.split())
+    assert [c["metric"] for c in metrics["goal"]][:1] == ["nll"]
 
 
 def test_remote_options_are_checked(tmp_path: Path) -> None:
