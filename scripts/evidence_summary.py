@@ -1,8 +1,9 @@
 """Write the summary of a ``steerx eval`` run that docs/method.md and the README cite.
 
 Keeps ``metrics.json``'s config, primary comparison, per-method means, every comparison, the
-generation check, the goal's comparisons (runs since the confirmatory family) and failures, plus each user's scores (``per_user_scores``); drops the
-per-item values, generations and attribution summaries (they stay in the run folder).
+generation check, the goal's comparisons (runs since the confirmatory family) and failures,
+plus each user's scores (``per_user_scores``); drops the per-item values, generations and
+attribution summaries (they stay in the run folder).
 
     python scripts/evidence_summary.py runs/demo/metrics.json docs/evidence/eval_health.json
 """

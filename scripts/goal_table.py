@@ -17,28 +17,20 @@ import json
 from pathlib import Path
 
 from steerx_lens.evaluation.experiment import confirmatory
-from steerx_lens.evaluation.report import ALPHA_LEVEL
-
-
-def _p(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3g}"
+from steerx_lens.evaluation.report import comparison_row
 
 
 def rows(path: Path) -> list[str]:
-    """One Markdown row per goal comparison of the run summarised in ``path``."""
+    """One Markdown row per goal comparison of the run summarised in ``path``: the report's
+    row with the goal family's Holm p, then the Holm p over every comparison."""
     metrics = json.loads(path.read_text(encoding="utf-8"))
     config = metrics["config"]
     run = f"{config.get('data', '?')} / {config['backbone']} ({path.stem})"
     out = []
     for c in confirmatory(metrics["comparisons"]):
-        low, high = c["ci95"]
-        passed = c["p_holm_goal"] is not None and c["p_holm_goal"] < ALPHA_LEVEL
-        out.append(
-            f"| {run} | {c['a']} vs {c['b']} | {c['metric']} | {c['mean']:+.3f} "
-            f"[{low:+.3f}, {high:+.3f}] | {c['n_positive']}/{c['n_users']} "
-            f"| {_p(c['wilcoxon_p'])} | {_p(c['p_holm_goal'])}{' ✓' if passed else ''} "
-            f"| {_p(c['p_holm'])} |"
-        )
+        goal_row = comparison_row({**c, "p_holm": c["p_holm_goal"]})
+        all_p = "–" if c["p_holm"] is None else f"{c['p_holm']:.3g}"
+        out.append(f"| {run} {goal_row} {all_p} |")
     return out
 
 
@@ -47,10 +39,10 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="metrics.json files or summaries")
     args = parser.parse_args()
     print(
-        "| run | comparison | metric | mean [95% CI] | users positive | Wilcoxon p "
-        "| Holm p, goal family | Holm p, all comparisons |"
+        "| run | comparison | metric | mean | 95% CI | Wilcoxon p | Holm p, goal family "
+        "| users positive | Holm p, all comparisons |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in args.runs:
         print("\n".join(rows(path)))
 

@@ -946,12 +946,12 @@ def aggregate(
             users = paired_users(records, a, b, metric)
             if users:
                 comparisons.append(compare(a, b, metric, users, n_boot=n_boot, seed=seed))
-    comparisons = adjust(comparisons)
+    rows = [c.as_dict() for c in adjust(comparisons)]
     primary = next(
         (
-            {k: v for k, v in c.as_dict().items() if k != "n_positive"}
-            for c in comparisons
-            if (c.a, c.b, c.metric) == PRIMARY
+            {k: v for k, v in row.items() if k != "n_positive"}
+            for row in rows
+            if (row["a"], row["b"], row["metric"]) == PRIMARY
         ),
         None,
     )
@@ -966,10 +966,10 @@ def aggregate(
         config,
         methods,
         list(records),
-        [c.as_dict() for c in comparisons],
+        rows,
         primary,
         check,
         failures,
         dict(skipped_items or {}),
-        confirmatory([c.as_dict() for c in comparisons]),
+        confirmatory(rows),
     )
