@@ -166,7 +166,18 @@ def test_eval_writes_the_documented_schema_and_resumes(
     compared = {(c["a"], c["b"]) for c in on_disk["comparisons"]}
     assert {("steerx", "decomposed_baseline"), ("steerx", "random_swap")} <= compared
     assert {("description_prompt", "none"), ("steerx", "steerx_other")} <= compared
-    assert on_disk["generation_check"]["informative"] in (True, False)
+    check = on_disk["generation_check"]
+    assert check["informative"] in (True, False)
+    history_row = next(
+        c
+        for c in on_disk["comparisons"]
+        if (c["a"], c["b"], c["metric"]) == ("history_prompt", "none", "rougeL")
+    )
+    assert check["paired"] == {
+        k: history_row[k] for k in ("mean", "n_positive", "n_users", "wilcoxon_p")
+    }
+    assert check["significant"] in (True, False)
+    assert f"ahead for {history_row['n_positive']} of {history_row['n_users']}" in check["message"]
     # per-user steerx NLL is the token-weighted mean of its items
     record = on_disk["per_user"][0]
     items = record["items"]["steerx"]["nll"]

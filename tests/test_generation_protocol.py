@@ -252,3 +252,20 @@ def test_generation_informative() -> None:
     assert gp.generation_informative({"none": Scores(1.0), "history_prompt": Scores(2.0)})[0]
     ok, message = gp.generation_informative({"none": 1.0})
     assert not ok and "no history_prompt" in message
+
+
+def test_the_sanity_rule_says_whether_its_paired_difference_is_significant() -> None:
+    scores = {"none": 10.0, "history_prompt": 12.5}
+    weak = {"mean": 2.5, "n_positive": 5, "n_users": 9, "wilcoxon_p": 0.36}
+    ok, message = gp.generation_informative(scores, "news", weak)
+    assert ok  # the point rule is unchanged
+    assert "ahead for 5 of 9, Wilcoxon p 0.36, not significant" in message
+    assert not gp.rouge_check_significant(weak)
+    strong = {**weak, "n_positive": 9, "wilcoxon_p": 0.004}
+    ok, message = gp.generation_informative(scores, "news", strong)
+    assert ok and message.endswith("ahead for 9 of 9, Wilcoxon p 0.004)")
+    assert gp.rouge_check_significant(strong)
+    backwards = {**strong, "mean": -2.5, "n_positive": 0}  # significant, the wrong way
+    assert not gp.rouge_check_significant(backwards)
+    untestable = {**weak, "wilcoxon_p": None}
+    assert "no test, not significant" in gp.generation_informative(scores, None, untestable)[1]

@@ -66,6 +66,7 @@ from steerx_lens.evaluation.generation import (
     generate_samples,
     generation_informative,
     generation_prompt,
+    rouge_check_significant,
     scored_pairs,
 )
 from steerx_lens.evaluation.masks import distinct_spans, planted_spans, span_masks
@@ -957,11 +958,22 @@ def aggregate(
     )
     check = None
     if "history_prompt" in methods and "rougeL" in methods["history_prompt"]:
+        paired = next(
+            (
+                {k: row[k] for k in ("mean", "n_positive", "n_users", "wilcoxon_p")}
+                for row in rows
+                if (row["a"], row["b"], row["metric"]) == ("history_prompt", "none", "rougeL")
+            ),
+            None,
+        )
         ok, message = generation_informative(
             {m: methods[m].get("rougeL") for m in ("none", "history_prompt")},
             config.get("data"),
+            paired,
         )
-        check = {"informative": ok, "message": message}
+        check = {"informative": ok, "message": message, "paired": paired}
+        if paired is not None:
+            check["significant"] = rouge_check_significant(paired)
     return RunMetrics(
         config,
         methods,

@@ -36,6 +36,7 @@ from typing import Any
 from steerx_lens import hooks
 from steerx_lens.backends.base import GENERATION_BATCH_SIZE, Decoding
 from steerx_lens.data.schema import HistoryItem
+from steerx_lens.evaluation.stats import SIGNIFICANCE
 from steerx_lens.text import (
     PLAIN_PROMPT_TEMPLATE,
     PLAIN_RESPONSE_SEPARATOR,
@@ -61,6 +62,7 @@ __all__ = [
     "generation_prompt",
     "prompt_history",
     "register_task",
+    "rouge_check_significant",
     "scored_pair",
     "scored_pairs",
     "strip_echo",
@@ -293,14 +295,19 @@ def _rouge_l(value: Any) -> float:
 
 
 def generation_informative(
-    scores_by_method: Mapping[str, Any], dataset: str | None = None
+    scores_by_method: Mapping[str, Any],
+    dataset: str | None = None,
+    paired: Mapping[str, Any] | None = None,
 ) -> tuple[bool, str]:
     """Whether the generation metrics measure personalization: ``history_prompt`` must beat
     ``none`` on ROUGE-L.
 
     ``scores_by_method`` maps method names to ROUGE-L values, or to objects/mappings with a
-    ``rougeL`` (a number, or per-item values that are averaged). Returns (ok, a one-line
-    message).
+    ``rougeL`` (a number, or per-item values that are averaged). ``paired`` is the evaluation's
+    paired comparison of ``history_prompt`` vs ``none`` on ROUGE-L over users (``mean``,
+    ``n_positive``, ``n_users``, ``wilcoxon_p``): the message then says whether that difference is significant
+    at p < 0.05, since a point difference alone also passes on noise. Returns (ok, a one-line
+    message); ``ok`` is the point rule.
     """
     where = f" on {dataset}" if dataset else ""
     missing = [m for m in ("none", "history_prompt") if scores_by_method.get(m) is None]
@@ -310,13 +317,36 @@ def generation_informative(
         )
     none = _rouge_l(scores_by_method["none"])
     prompted = _rouge_l(scores_by_method["history_prompt"])
+    evidence = "" if paired is None else _paired_evidence(paired)
     if prompted > none:
         return True, (
             f"generation metrics informative{where}: history_prompt ROUGE-L {prompted:.1f} > "
-            f"none {none:.1f}"
+            f"none {none:.1f}{evidence}"
         )
     return False, (
         f"generation metrics uninformative{where}: history_prompt ROUGE-L {prompted:.1f} <= "
         f"none {none:.1f}, so the user's own history does not bring generations closer to the "
-        "user's text; do not read ROUGE/BLEU as personalization here"
+        f"user's text; do not read ROUGE/BLEU as personalization here{evidence}"
+    )
+
+
+def rouge_check_significant(paired: Mapping[str, Any]) -> bool:
+    """Whether ``history_prompt`` beats ``none`` on ROUGE-L over users at Wilcoxon p < 0.05."""
+    p = paired.get("wilcoxon_p")
+    return p is not None and p < SIGNIFICANCE and paired["mean"] > 0
+
+
+def _paired_evidence(paired: Mapping[str, Any]) -> str:
+    """The message's clause on the paired comparison behind the point rule."""
+    p = paired.get("wilcoxon_p")
+    shown = "no test" if p is None else f"Wilcoxon p {p:.2g}"
+    head = (
+        f" (paired over users: history_prompt ahead for {paired['n_positive']} of "
+        f"{paired['n_users']}, {shown}"
+    )
+    if rouge_check_significant(paired):
+        return head + ")"
+    return head + (
+        ", not significant: ROUGE-L does not detect even history in the prompt here, so a "
+        "ROUGE-L difference between vectors is weak evidence either way)"
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from steerx_lens.atomic import write_text
 from steerx_lens.evaluation.results import RunMetrics
+from steerx_lens.evaluation.stats import SIGNIFICANCE
 from steerx_lens.figures import new_figure, save_png
 from steerx_lens.runs import user_file_names
 
@@ -26,7 +27,6 @@ METHOD_NOTES = {
     "steerx_other": "other users' SteerX vectors (personalization control)",
 }
 TABLE_METRICS = ("nll", "nll_distinct", "nll_marker", "nll_pref", "rougeL", "bleu")
-ALPHA_LEVEL = 0.05
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -40,7 +40,7 @@ def _p(value: float | None) -> str:
 def comparison_row(c: Mapping[str, Any]) -> str:
     """One Markdown row: a vs b, metric, mean [CI], p, Holm p, users positive."""
     low, high = c["ci95"]
-    survives = c["p_holm"] is not None and c["p_holm"] < ALPHA_LEVEL
+    survives = c["p_holm"] is not None and c["p_holm"] < SIGNIFICANCE
     return (
         f"| {c['a']} vs {c['b']} | {c['metric']} | {c['mean']:+.4f} | [{low:+.4f}, {high:+.4f}] "
         f"| {_p(c['wilcoxon_p'])} | {_p(c['p_holm'])}{' ✓' if survives else ''} "
@@ -131,7 +131,7 @@ def write_report(
         low, high = primary["ci95"]
         verdict = (
             "survives the Holm correction"
-            if primary["p_holm"] is not None and primary["p_holm"] < ALPHA_LEVEL
+            if primary["p_holm"] is not None and primary["p_holm"] < SIGNIFICANCE
             else "does not survive the Holm correction"
         )
         lines += [
@@ -150,7 +150,7 @@ def write_report(
             "SteerX against the baseline of its backbone on all tokens, distinctive tokens and "
             "ROUGE-L, against no steering and against the two matched controls; `Holm p` adjusts "
             "over these alone (✓: < "
-            f"{ALPHA_LEVEL}), the table further down over every comparison.",
+            f"{SIGNIFICANCE}), the table further down over every comparison.",
             "",
             "| comparison | metric | mean | 95% CI | Wilcoxon p | Holm p | users positive |",
             "|---|---|---|---|---|---|---|",
@@ -192,7 +192,7 @@ def write_report(
         "Mean over users of per-user differences, positive = the first method is better. 95% CI "
         "from a two-level bootstrap (users, then items within users); p from the Wilcoxon "
         "signed-rank test over users; Holm-adjusted over every comparison in this table "
-        f"(✓: Holm p < {ALPHA_LEVEL}).",
+        f"(✓: Holm p < {SIGNIFICANCE}).",
         "",
         "| comparison | metric | mean | 95% CI | Wilcoxon p | Holm p | users positive |",
         "|---|---|---|---|---|---|---|",
