@@ -57,11 +57,14 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="metrics.json files or summaries")
     parser.add_argument("--sizes", default="16,32,64,128", help="user counts to resample")
     parser.add_argument("--reps", type=int, default=500, help="resamples per size")
+    parser.add_argument("--metrics", default=None, help="only these metrics (comma-separated)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(args.seed)
     family = [*GOAL_FAMILY, SANITY]
+    if args.metrics:
+        family = [row for row in family if row[2] in args.metrics.split(",")]
     head = " | ".join(f"power at {n} users, p<0.05 (p<0.05/6)" for n in sizes)
     print(f"| run | comparison | metric | users | mean | users positive | {head} |")
     print("|---|---|---|---|---|---|" + "---|" * len(sizes))
