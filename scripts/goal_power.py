@@ -22,16 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from steerx_lens.evaluation.experiment import GOAL_FAMILY
-from steerx_lens.evaluation.stats import wilcoxon_p
-
-LOWER_IS_BETTER = {"nll", "nll_distinct", "nll_pref"}
-SANITY = ("history_prompt", "none", "rougeL")
-"""The generation sanity rule's own comparison: can ROUGE-L detect history in the prompt?"""
+from steerx_lens.evaluation.generation import SANITY_COMPARISON
+from steerx_lens.evaluation.results import NLL_METRICS
+from steerx_lens.evaluation.stats import SIGNIFICANCE, wilcoxon_p
 
 
 def differences(per_user: dict, a: str, b: str, metric: str) -> np.ndarray:
     """Per-user ``a``-vs-``b`` differences on ``metric``, positive = ``a`` better."""
-    sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+    sign = 1.0 if metric in NLL_METRICS else -1.0
     out = []
     for scores in per_user.values():
         value_a, value_b = scores.get(a, {}).get(metric), scores.get(b, {}).get(metric)
@@ -62,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(args.seed)
-    family = [*GOAL_FAMILY, SANITY]
+    family = [*GOAL_FAMILY, SANITY_COMPARISON]
     if args.metrics:
         family = [row for row in family if row[2] in args.metrics.split(",")]
     head = " | ".join(f"power at {n} users, p<0.05 (p<0.05/6)" for n in sizes)
@@ -84,7 +82,8 @@ def main() -> None:
                 continue
             ps = [resampled_p(diffs, n, args.reps, rng) for n in sizes]
             cells = " | ".join(
-                f"{(p < 0.05).mean():.2f} ({(p < 0.05 / len(GOAL_FAMILY)).mean():.2f})" for p in ps
+                f"{(p < SIGNIFICANCE).mean():.2f} ({(p < SIGNIFICANCE / len(GOAL_FAMILY)).mean():.2f})"
+                for p in ps
             )
             positive = f"{int((diffs > 0).sum())}/{diffs.size}"
             print(

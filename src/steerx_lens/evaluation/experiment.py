@@ -63,6 +63,7 @@ from steerx_lens.evaluation.cells import (
 )
 from steerx_lens.evaluation.generation import (
     GENERATION_BATCH_SIZE,
+    SANITY_COMPARISON,
     generate_samples,
     generation_informative,
     generation_prompt,
@@ -948,24 +949,16 @@ def aggregate(
             if users:
                 comparisons.append(compare(a, b, metric, users, n_boot=n_boot, seed=seed))
     rows = [c.as_dict() for c in adjust(comparisons)]
-    primary = next(
-        (
-            {k: v for k, v in row.items() if k != "n_positive"}
-            for row in rows
-            if (row["a"], row["b"], row["metric"]) == PRIMARY
-        ),
-        None,
-    )
+    by_key = {(row["a"], row["b"], row["metric"]): row for row in rows}
+    primary = None
+    if PRIMARY in by_key:
+        primary = {k: v for k, v in by_key[PRIMARY].items() if k != "n_positive"}
     check = None
     if "history_prompt" in methods and "rougeL" in methods["history_prompt"]:
-        paired = next(
-            (
-                {k: row[k] for k in ("mean", "n_positive", "n_users", "wilcoxon_p")}
-                for row in rows
-                if (row["a"], row["b"], row["metric"]) == ("history_prompt", "none", "rougeL")
-            ),
-            None,
-        )
+        paired = None
+        if SANITY_COMPARISON in by_key:
+            sanity = by_key[SANITY_COMPARISON]
+            paired = {k: sanity[k] for k in ("mean", "n_positive", "n_users", "wilcoxon_p")}
         ok, message = generation_informative(
             {m: methods[m].get("rougeL") for m in ("none", "history_prompt")},
             config.get("data"),

@@ -55,6 +55,7 @@ __all__ = [
     "HISTORY_BUDGET_TOKENS",
     "N_SAMPLES",
     "SAMPLED",
+    "SANITY_COMPARISON",
     "TASKS",
     "Task",
     "generate_samples",
@@ -294,6 +295,11 @@ def _rouge_l(value: Any) -> float:
     return float(value)
 
 
+SANITY_COMPARISON = ("history_prompt", "none", "rougeL")
+"""The sanity rule's comparison (a, b, metric): does the user's history in the prompt raise
+ROUGE-L over no steering?"""
+
+
 def generation_informative(
     scores_by_method: Mapping[str, Any],
     dataset: str | None = None,
@@ -304,10 +310,10 @@ def generation_informative(
 
     ``scores_by_method`` maps method names to ROUGE-L values, or to objects/mappings with a
     ``rougeL`` (a number, or per-item values that are averaged). ``paired`` is the evaluation's
-    paired comparison of ``history_prompt`` vs ``none`` on ROUGE-L over users (``mean``,
-    ``n_positive``, ``n_users``, ``wilcoxon_p``): the message then says whether that difference is significant
-    at p < 0.05, since a point difference alone also passes on noise. Returns (ok, a one-line
-    message); ``ok`` is the point rule.
+    comparison :data:`SANITY_COMPARISON` over users (``mean``, ``n_positive``, ``n_users``,
+    ``wilcoxon_p``): the message then says whether that difference is significant at p < 0.05,
+    since a point difference alone also passes on noise. Returns (ok, a one-line message);
+    ``ok`` is the point rule.
     """
     where = f" on {dataset}" if dataset else ""
     missing = [m for m in ("none", "history_prompt") if scores_by_method.get(m) is None]
