@@ -144,6 +144,8 @@ BAD_OPTIONS = [
     (["fit", "--users", "0"], "--users"),
     (["fit", "--users", "-1"], "--users"),
     (["eval", "--users", "0"], "--users"),
+    (["eval", "--window", "-1"], "--window"),
+    (["eval", "--window", "1", "--data", "synthetic"], "--window"),
     (["eval", "--r", "nan"], "--r"),
     (["eval", "--r", "-1"], "--r"),
     (["eval", "--alpha", "nan"], "--alpha"),

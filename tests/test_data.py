@@ -24,6 +24,7 @@ from steerx_lens.data import (
     save_users,
 )
 from steerx_lens.data.sources import health_tweets, stackexchange
+from steerx_lens.data.splits import time_window
 
 
 def _user() -> UserHistory:
@@ -209,6 +210,31 @@ def test_health_tweets_two_accounts() -> None:
         texts = [t for _, t in tweets]
         assert all(texts) and len(set(texts)) == len(texts)
         assert not any(url.search(t) for t in texts)
+
+
+def test_time_window_counts_back_from_the_newest() -> None:
+    items = list(range(10))
+    assert time_window(items, 4) == [6, 7, 8, 9]
+    assert time_window(items, 4, window=1) == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="window 2 needs 12 items, only 10"):
+        time_window(items, 4, window=2)
+    with pytest.raises(ValueError, match="window >= 0"):
+        time_window(items, 4, window=-1)
+
+
+def test_health_tweets_windows_are_older_and_disjoint() -> None:
+    newest, older = (
+        load_users("health_tweets", n_users=2, n_history=5, n_heldout=2, window=w) for w in (0, 1)
+    )
+    for new, old in zip(newest, older, strict=True):
+        assert (new.meta["window"], old.meta["window"]) == (0, 1)
+        new_ids = [i.meta["tweet_id"] for i in new.history + new.heldout]
+        old_ids = [i.meta["tweet_id"] for i in old.history + old.heldout]
+        assert max(old_ids) < min(new_ids)  # every item of window 1 is older than window 0's
+        usable = [n for n, t in health_tweets._health_tweets()[new.user_id] if len(t.split()) > 4]
+        assert usable[-14:] == old_ids + new_ids  # contiguous: nothing between the windows
+    with pytest.raises(ValueError, match="account 'bbchealth': window 500 needs"):
+        load_users("health_tweets", n_users=1, window=500)
 
 
 def test_clean_tweet() -> None:

