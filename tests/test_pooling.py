@@ -90,6 +90,8 @@ def test_a_summary_or_missing_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text(json.dumps({"per_user_scores": {}}))
     with pytest.raises(DataError, match="no per_user records"):
         read_run(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {}, "per_user": []}))
+    assert read_run(tmp_path / "run.json") == {"config": {}, "per_user": []}  # a file itself
     (tmp_path / "metrics.json").write_text("{broken")
     with pytest.raises(DataError, match="not readable JSON"):
         read_run(tmp_path)

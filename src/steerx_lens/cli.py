@@ -692,7 +692,10 @@ def evaluate(
 def pool(
     runs: Annotated[
         list[Path],
-        typer.Argument(help="`steerx eval` folders of one configuration, one per --window"),
+        typer.Argument(
+            help="`steerx eval` folders (or their metrics.json) of one configuration, one per "
+            "--window"
+        ),
     ],
     out: OutOption = Path("runs/pooled"),
 ) -> None:

@@ -25,9 +25,10 @@ PER_RUN_KEYS = ("window", "cells", "strength_choice", "users")
 and the users it could evaluate (only users evaluated in every run are pooled)."""
 
 
-def read_run(folder: str | Path) -> dict[str, Any]:
-    """``metrics.json`` of an evaluation folder (the full form with per-item values)."""
-    path = Path(folder) / METRICS_FILE
+def read_run(run: str | Path) -> dict[str, Any]:
+    """A finished evaluation: its folder's ``metrics.json``, or such a file itself (the full
+    form, with per-item values)."""
+    path = Path(run) if Path(run).is_file() else Path(run) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
