@@ -132,7 +132,9 @@ def test_eval_on_two_windows_then_pool(tmp_path: Path) -> None:
         uid = user["user_id"]
         assert user["n_heldout_tokens"] == tokens[0][uid] + tokens[1][uid]
         assert len(user["items"]["steerx"]["nll"]["values"]) == 2 * 4  # 4 held out per window
-    assert "window 1" in (tmp_path / "p" / "report.md").read_text()
+    report = (tmp_path / "p" / "report.md").read_text()
+    assert "window 1" in report and "attribution/" not in report  # no dangling links
+    assert "attribution/" in (folders[0] / "report.md").read_text()
     again = runner.invoke(
         cli.app, ["pool", str(folders[0]), str(folders[0]), "--out", str(tmp_path / "q")]
     )

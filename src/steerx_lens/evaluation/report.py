@@ -222,7 +222,11 @@ def write_report(
             + " / ".join(
                 f"{m} {_fmt(nll.get(m))}" for m in ("none", "shared", "baseline", "steerx")
             ),
-            f"- [Token attribution view](attribution/{name}.html)",
+            *(  # a pooled report has no views of its own
+                [f"- [Token attribution view](attribution/{name}.html)"]
+                if (out / "attribution" / f"{name}.html").exists()
+                else []
+            ),
             "",
         ]
     if metrics.failures:
