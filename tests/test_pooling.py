@@ -50,6 +50,8 @@ def test_each_users_items_of_every_window_are_pooled() -> None:
     assert a.scores["steerx"]["nll"] == pytest.approx(7 / 3)  # token-weighted over all items
     assert a.steering_norm == {"steerx": pytest.approx(0.2)}
     assert a.description == "window 0: a likes x\nwindow 1: a likes x"
+    reversed_order = pool_runs([second, first]).per_user[0]
+    assert reversed_order.description == "window 1: a likes x\nwindow 0: a likes x"
     (row,) = [c for c in pooled.comparisons if (c["a"], c["b"]) == ("steerx", "baseline")]
     assert row["mean"] == pytest.approx(0.0)  # baseline − SteerX per item: (0.5 + 0.5 − 1) / 3
     assert row["n_users"] == 1

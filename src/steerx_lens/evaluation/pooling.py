@@ -45,25 +45,29 @@ def _window(config: Mapping[str, Any]) -> int:
     return int(config.get("window") or 0)
 
 
-def _check_poolable(runs: Sequence[Mapping[str, Any]]) -> None:
+def _shared(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run's config every pooled run must have alike."""
+    return {k: v for k, v in config.items() if k not in PER_RUN_KEYS}
+
+
+def _check_poolable(runs: Sequence[Mapping[str, Any]], windows: Sequence[int]) -> None:
     if len(runs) < 2:
         raise DataError(f"pooling needs at least 2 runs, got {len(runs)}")
-    first = {k: v for k, v in runs[0]["config"].items() if k not in PER_RUN_KEYS}
+    first = _shared(runs[0]["config"])
     for i, run in enumerate(runs[1:], start=1):
-        other = {k: v for k, v in run["config"].items() if k not in PER_RUN_KEYS}
+        other = _shared(run["config"])
         differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if differ:
             raise DataError(f"run {i} differs from run 0 in {differ}: only windows may differ")
-    windows = [_window(run["config"]) for run in runs]
     repeated = sorted({w for w in windows if windows.count(w) > 1})
     if repeated:
         raise DataError(f"window(s) {repeated} given twice: their items would count twice")
 
 
-def pool_records(per_run: Sequence[UserRecord]) -> UserRecord:
-    """One user's records from several windows as one record: per method and metric present
-    in every run, the items of all runs in run order; token counts summed, steering norms
-    averaged, descriptions kept per window."""
+def pool_records(per_run: Sequence[UserRecord], windows: Sequence[int]) -> UserRecord:
+    """One user's records from several windows (``windows[i]`` is run i's) as one record: per
+    method and metric present in every run, the items of all runs in run order; token counts
+    summed, steering norms averaged, descriptions kept per window."""
     first = per_run[0]
     methods = set.intersection(*(set(r.items) for r in per_run))
     items = {}
@@ -95,7 +99,9 @@ def pool_records(per_run: Sequence[UserRecord]) -> UserRecord:
         config_key="+".join(r.config_key for r in per_run),
         n_heldout_tokens=sum(r.n_heldout_tokens for r in per_run),
         mask_tokens={k: sum(r.mask_tokens.get(k, 0) for r in per_run) for k in sorted(mask_keys)},
-        description="\n".join(f"window {i}: {r.description}" for i, r in enumerate(per_run)),
+        description="\n".join(
+            f"window {w}: {r.description}" for w, r in zip(windows, per_run, strict=True)
+        ),
         top_spans=[span for r in per_run for span in r.top_spans],
         n_swapped_tokens=sum(r.n_swapped_tokens for r in per_run),
         steerx_fallback=any(r.steerx_fallback for r in per_run),
@@ -109,33 +115,35 @@ def pool_runs(runs: Sequence[Mapping[str, Any]], n_boot: int = 2000) -> RunMetri
     """Runs (``metrics.json`` dicts) of one configuration on disjoint windows, as one run:
     each user evaluated in every run pooled over its items, every comparison, the goal family
     and the generation check recomputed; users missing from a run are listed in ``failures``."""
-    _check_poolable(runs)
+    windows = [_window(run["config"]) for run in runs]
+    _check_poolable(runs, windows)
     records = [{u["user_id"]: UserRecord.from_json(u) for u in run["per_user"]} for run in runs]
     order = [uid for uid in records[0] if all(uid in r for r in records)]
     failures: dict[str, str] = {}
-    for i, run in enumerate(runs):
-        window = _window(run["config"])
+    skipped: dict[str, list[str]] = {}
+    for run, window, by_user in zip(runs, windows, records, strict=True):
         for uid, why in run.get("failures", {}).items():
             failures[f"{uid} (window {window})"] = why
-        for uid in records[i]:
+        for uid, items in run.get("skipped_items", {}).items():
+            skipped[f"{uid} (window {window})"] = items
+        for uid in by_user:
             if uid not in order:
                 failures.setdefault(uid, "not evaluated in every pooled run")
     if not order:
         raise DataError("no user was evaluated in every pooled run")
-    skipped = {
-        f"{uid} (window {_window(run['config'])})": items
-        for run in runs
-        for uid, items in run.get("skipped_items", {}).items()
-    }
-    pooled = [pool_records([r[uid] for r in records]) for uid in order]
-    config = {k: v for k, v in runs[0]["config"].items() if k not in PER_RUN_KEYS}
+    pooled = [pool_records([r[uid] for r in records], windows) for uid in order]
+    config = _shared(runs[0]["config"])
     config.update(
-        window=[_window(run["config"]) for run in runs],
+        window=windows,
         users=order,
         cells={},
         pooled_runs=[
-            {k: run["config"].get(k) for k in ("window", "cells", "strength_choice")}
-            for run in runs
+            {
+                "window": window,
+                "cells": run["config"].get("cells", {}),
+                "strength_choice": run["config"].get("strength_choice"),
+            }
+            for run, window in zip(runs, windows, strict=True)
         ],
     )
     return aggregate(pooled, config, failures, skipped, n_boot=n_boot)

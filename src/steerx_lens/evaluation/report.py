@@ -115,8 +115,7 @@ def write_report(
     cells = _cells_text(config.get("cells", {}))
     if config.get("pooled_runs"):
         cells = "; ".join(
-            f"window {run['window'] or 0}: {_cells_text(run['cells'] or {})}"
-            for run in config["pooled_runs"]
+            f"window {run['window']}: {_cells_text(run['cells'])}" for run in config["pooled_runs"]
         )
     lines = [
         "# SteerX evaluation report",

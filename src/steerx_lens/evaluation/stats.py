@@ -32,6 +32,7 @@ from scipy.stats import wilcoxon
 
 SIGNIFICANCE = 0.05
 """The level every reported p-value (raw, Holm-adjusted) is read against."""
+
 # Random draws per bootstrap chunk (bounds memory; a chunk of 2000 boots × 16 users × 30 items
 # is ~1M draws, so the common case runs in one chunk).
 _CHUNK_DRAWS = 1 << 21
