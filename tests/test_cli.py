@@ -45,6 +45,28 @@ def test_attribute_writes_ranked_spans_descriptions_and_html(tmp_path: Path) -> 
         assert user["description"]
         assert (tmp_path / user["html"]).read_text().startswith("<!doctype html>")
         assert (tmp_path / user["layer_map"]).read_bytes()[:4] == b"\x89PNG"
+    # the tiny random model finds no spans: no description-quality claim without them
+    assert all(not u["spans"] for u in report["users"]) and "description_quality" not in report
+
+
+@pytest.mark.demo
+def test_attribute_scores_its_descriptions_against_other_users(tmp_path: Path) -> None:
+    args = ["attribute", "--data", "synthetic", "--users", "2", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "attribution.json").read_text())
+    users = report["users"]
+    top = {u["user_id"]: [s["text"].strip().lower() for s in u["spans"][:6]] for u in users}
+    text = {u["user_id"]: u["description"].lower() for u in users}
+    assert all(top.values())
+    own = [sum(s in text[u] for s in top[u]) / len(top[u]) for u in top]
+    other = [sum(s in text[u] for s in top[v]) / len(top[v]) for u in top for v in top if v != u]
+    quality = report["description_quality"]
+    assert quality["n_users"] == 2 and quality["faithfulness"] == 1.0
+    assert quality["own_spans_named"] == pytest.approx(sum(own) / 2)
+    assert quality["other_spans_named"] == pytest.approx(sum(other) / 2)
+    assert quality["own_spans_named"] > quality["other_spans_named"]
+    assert "of their own user's top spans" in " ".join(result.output.split())
 
 
 def test_fit_then_generate_with_a_saved_vector(tmp_path: Path) -> None:

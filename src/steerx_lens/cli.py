@@ -353,13 +353,13 @@ def attribute(
     tiny: TinyOption = False,
 ) -> None:
     """Causal token attribution for each user: ranked spans, description, HTML views."""
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from tqdm.auto import tqdm
 
     from steerx_lens.attribution import AttributionConfig, attribute_user, layer_effects
     from steerx_lens.data import load_users
-    from steerx_lens.describe import describe, make_describer
+    from steerx_lens.describe import describe, description_quality, make_describer
     from steerx_lens.screening import ItemLimits, screen_items
     from steerx_lens.viz import save_attribution_html, save_layer_heatmap
 
@@ -373,7 +373,7 @@ def attribute(
         adapter = get_adapter(model)
         limits = ItemLimits(adapter.max_positions, settings.max_context_tokens)
         writer = make_describer(describer, model)
-        records, failures, skipped_items = [], {}, {}
+        records, failures, skipped_items, attributions = [], {}, {}, {}
         for user in tqdm(chosen, desc="attributing users"):
             history, skipped = screen_items(
                 adapter.tokenizer, user.user_id, user.history, "history item", limits
@@ -383,6 +383,7 @@ def attribute(
             try:
                 usable = replace(user, history=history)
                 result = describe(attribute_user(model, usable, population, settings), writer)
+                attributions[user.user_id] = result
                 record: dict[str, Any] = {
                     "user_id": user.user_id,
                     "spans": [
@@ -403,13 +404,33 @@ def attribute(
             raise DataError(f"no user could be attributed ({_reasons(failures)})")
         config = {"data": data, "method": method, "describer": describer, "backend": backend}
         report: dict[str, Any] = {"config": config, "users": records}
+        described = [a for a in attributions.values() if a.spans]
+        if len(described) >= 2:  # the other-user control needs a second user
+            quality = description_quality(
+                {a.user_id: a.description or "" for a in described},
+                {a.user_id: a for a in described},
+            )
+            report["description_quality"] = asdict(quality)
         report.update({"failures": failures} if failures else {})
         report.update({"skipped_items": skipped_items} if skipped_items else {})
         write_name_index(out, names)
         write_text(out / "attribution.json", json.dumps(report, indent=2))
     console.print(f"wrote {out / 'attribution.json'} and {len(records)} HTML views")
+    if "description_quality" in report:
+        console.print(_quality_line(report["description_quality"]))
     for user_id, why in failures.items():
         console.print(f"[yellow]skipped {user_id}: {why}[/yellow]")
+
+
+def _quality_line(quality: dict[str, Any]) -> str:
+    """One line of :func:`steerx_lens.describe.description_quality` for the console."""
+    faithful = quality["faithfulness"]
+    return (
+        f"descriptions name {quality['own_spans_named']:.2f} of their own user's top spans and "
+        f"{quality['other_spans_named']:.2f} of another user's; faithfulness "
+        f"{'n/a (no quoted claims)' if faithful is None else f'{faithful:.2f}'} "
+        f"({quality['n_users']} users)"
+    )
 
 
 def pipeline_config(
