@@ -146,6 +146,8 @@ BAD_OPTIONS = [
     (["eval", "--users", "0"], "--users"),
     (["eval", "--window", "-1"], "--window"),
     (["eval", "--window", "1", "--data", "synthetic"], "--window"),
+    (["attribute", "--window", "1", "--data", "synthetic"], "--window"),
+    (["attribute", "--max-history", "0"], "--max-history"),
     (["eval", "--r", "nan"], "--r"),
     (["eval", "--r", "-1"], "--r"),
     (["eval", "--alpha", "nan"], "--alpha"),

@@ -36,7 +36,7 @@ def test_attribute_writes_ranked_spans_descriptions_and_html(tmp_path: Path) -> 
     result = CliRunner().invoke(app, [*args, "--describer", "template", "--layer-map"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "attribution.json").read_text())
-    assert report["config"]["method"] == "patch"
+    assert report["config"]["method"] == "patch" and report["config"]["max_history"] is None
     assert [u["user_id"] for u in report["users"]] == ["synthetic-00", "synthetic-01"]
     for user in report["users"]:
         scores = [span["score"] for span in user["spans"]]
@@ -47,6 +47,16 @@ def test_attribute_writes_ranked_spans_descriptions_and_html(tmp_path: Path) -> 
         assert (tmp_path / user["layer_map"]).read_bytes()[:4] == b"\x89PNG"
     # the tiny random model finds no spans: no description-quality claim without them
     assert all(not u["spans"] for u in report["users"]) and "description_quality" not in report
+
+
+def test_attribute_keeps_the_last_max_history_items(tmp_path: Path) -> None:
+    args = ["attribute", "--tiny", "--users", "2", "--out", str(tmp_path)]
+    kept = CliRunner().invoke(app, [*args, "--max-history", "2"])
+    assert kept.exit_code == 0, kept.output
+    assert json.loads((tmp_path / "attribution.json").read_text())["config"]["max_history"] == 2
+    # one item left: attribution needs two, so every user fails, with the reason
+    single = CliRunner().invoke(app, [*args, "--max-history", "1"])
+    assert single.exit_code != 0 and "at least 2" in single.output
 
 
 @pytest.mark.demo

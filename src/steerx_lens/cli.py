@@ -342,6 +342,8 @@ def attribute(
     data: DataOption = "synthetic",
     out: OutOption = Path("runs/attribution"),
     users: UsersOption = None,
+    max_history: MaxHistoryOption = None,
+    window: WindowOption = 0,
     method: Annotated[Literal["patch", "prompt"], typer.Option(help="patch | prompt")] = "patch",
     describer: Annotated[
         Describer, typer.Option(help="structured | template | llm (the model itself)")
@@ -358,14 +360,13 @@ def attribute(
     from tqdm.auto import tqdm
 
     from steerx_lens.attribution import AttributionConfig, attribute_user, layer_effects
-    from steerx_lens.data import load_users
     from steerx_lens.describe import describe, description_quality, make_describer
     from steerx_lens.screening import ItemLimits, screen_items
     from steerx_lens.viz import save_attribution_html, save_layer_heatmap
 
     check_model_options(backend, remote, model_source)
     settings = AttributionConfig(method=method)
-    population = load_users(data)
+    population = load_population(data, None, max_history, window)  # all users: counterfactuals
     chosen = population[:users]
     names = user_file_names([user.user_id for user in chosen])
     with out_lock(out):
@@ -402,7 +403,14 @@ def attribute(
             records.append(record)
         if not records:
             raise DataError(f"no user could be attributed ({_reasons(failures)})")
-        config = {"data": data, "method": method, "describer": describer, "backend": backend}
+        config = {
+            "data": data,
+            "method": method,
+            "describer": describer,
+            "backend": backend,
+            "max_history": max_history,
+            "window": window,
+        }
         report: dict[str, Any] = {"config": config, "users": records}
         described = [a for a in attributions.values() if a.spans]
         if len(described) >= 2:  # the other-user control needs a second user
