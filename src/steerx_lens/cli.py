@@ -384,7 +384,6 @@ def attribute(
             try:
                 usable = replace(user, history=history)
                 result = describe(attribute_user(model, usable, population, settings), writer)
-                attributions[user.user_id] = result
                 record: dict[str, Any] = {
                     "user_id": user.user_id,
                     "spans": [
@@ -401,6 +400,7 @@ def attribute(
                 failures[user.user_id] = f"{type(error).__name__}: {error}"
                 continue
             records.append(record)
+            attributions[user.user_id] = result
         if not records:
             raise DataError(f"no user could be attributed ({_reasons(failures)})")
         config = {
