@@ -33,6 +33,7 @@ from steerx_lens.runs import out_lock, user_file_names, write_name_index
 
 if TYPE_CHECKING:
     from steerx_lens.data import UserHistory
+    from steerx_lens.describe import DescriptionQuality
     from steerx_lens.evaluation.results import RunMetrics
 
 LIBRARY_ERRORS = (SteerXError, ValueError, OSError)
@@ -412,32 +413,30 @@ def attribute(
             "window": window,
         }
         report: dict[str, Any] = {"config": config, "users": records}
-        described = [a for a in attributions.values() if a.spans]
-        if len(described) >= 2:  # the other-user control needs a second user
-            quality = description_quality(
-                {a.user_id: a.description or "" for a in described},
-                {a.user_id: a for a in described},
-            )
+        quality = None
+        if sum(bool(a.spans) for a in attributions.values()) >= 2:  # the other-user control
+            descriptions = {uid: a.description or "" for uid, a in attributions.items()}
+            quality = description_quality(descriptions, attributions)
             report["description_quality"] = asdict(quality)
         report.update({"failures": failures} if failures else {})
         report.update({"skipped_items": skipped_items} if skipped_items else {})
         write_name_index(out, names)
         write_text(out / "attribution.json", json.dumps(report, indent=2))
     console.print(f"wrote {out / 'attribution.json'} and {len(records)} HTML views")
-    if "description_quality" in report:
-        console.print(_quality_line(report["description_quality"]))
+    if quality is not None:
+        console.print(_quality_line(quality))
     for user_id, why in failures.items():
         console.print(f"[yellow]skipped {user_id}: {why}[/yellow]")
 
 
-def _quality_line(quality: dict[str, Any]) -> str:
+def _quality_line(quality: DescriptionQuality) -> str:
     """One line of :func:`steerx_lens.describe.description_quality` for the console."""
-    faithful = quality["faithfulness"]
+    faithful = quality.faithfulness
     return (
-        f"descriptions name {quality['own_spans_named']:.2f} of their own user's top spans and "
-        f"{quality['other_spans_named']:.2f} of another user's; faithfulness "
+        f"descriptions name {quality.own_spans_named:.2f} of their own user's top spans and "
+        f"{quality.other_spans_named:.2f} of another user's; faithfulness "
         f"{'n/a (no quoted claims)' if faithful is None else f'{faithful:.2f}'} "
-        f"({quality['n_users']} users)"
+        f"({quality.n_users} users)"
     )
 
 
